@@ -1,0 +1,80 @@
+"""Plain data shared by every layer: replies, TLS facts, recipient states.
+
+Pure: no I/O, no clock. Values are immutable.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)(.*)", re.S)
+
+
+class RecipientStatus(str, enum.Enum):
+    """Where one recipient of a spooled message stands."""
+
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+
+    @property
+    def final(self) -> bool:
+        return self in (RecipientStatus.DELIVERED, RecipientStatus.BOUNCED)
+
+
+@dataclass(frozen=True)
+class SmtpReply:
+    """An SMTP reply: code, optional enhanced status (RFC 3463) and text."""
+
+    code: int
+    text: str = ""
+    enhanced: str | None = None
+
+    @classmethod
+    def parse(cls, code: int, message: str) -> SmtpReply:
+        """Split a leading enhanced status code off the reply text."""
+        first = message.strip()
+        m = _ENHANCED.match(first)
+        if m and m.group(1)[0] == str(code)[0]:
+            return cls(code, m.group(2).strip(), m.group(1))
+        return cls(code, first, None)
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def status(self) -> str:
+        """The RFC 3463 status: the enhanced code, else one derived from the class."""
+        if self.enhanced:
+            return self.enhanced
+        return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
+
+    def __str__(self) -> str:
+        parts = [str(self.code)]
+        if self.enhanced:
+            parts.append(self.enhanced)
+        if self.text:
+            parts.append(self.text)
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class TlsInfo:
+    """What TLS a delivery session actually got."""
+
+    version: str | None = None  # "TLSv1.3", None = plaintext
+    cipher: str | None = None
+    verified: bool = False  # peer certificate chains to a trusted root and names the MX host
+    error: str | None = None  # why verification failed, if it did
+
+    @property
+    def label(self) -> str:
+        return self.version or "none"
