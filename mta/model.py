@@ -12,7 +12,7 @@ from dataclasses import dataclass
 _ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)(.*)", re.S)
 
 
-class RecipientStatus(str, enum.Enum):
+class RecipientStatus(enum.StrEnum):
     """Where one recipient of a spooled message stands."""
 
     QUEUED = "queued"

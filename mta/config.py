@@ -1,0 +1,325 @@
+"""Configuration: TOML (tomllib) into frozen dataclasses, validated once at start.
+
+Rule: every problem stops the program with ONE line naming the file and the key path, e.g.
+`config.toml: delivery.retry_intervals[2]: "5x" is not a duration`. Unknown keys are errors too
+(a typo must never silently fall back to a default). Relative paths are resolved against the
+folder of the config file, so `mta serve --config /etc/mta/config.toml` works from any cwd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mta.errors import ConfigError
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_duration(text: str) -> float:
+    """"30s" -> 30.0; raises ValueError. Units: ms, s, m, h, d."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"\"{text}\" is not a duration (use e.g. 30s, 5m, 1h, 5d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """"25MB" -> 25000000; raises ValueError. Units: B, KB, MB, GB (SI) and KiB, MiB, GiB."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise ValueError(f"\"{text}\" is not a size (use e.g. 512KB, 25MB)")
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """"127.0.0.1:2525" or "[::1]:2525" -> (host, port); raises ValueError."""
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"{text!r} is not host:port")
+    return m.group(1), int(m.group(2))
+
+
+def _meta(kind: str) -> dict[str, str]:
+    """Field metadata selecting a converter beyond plain TOML types."""
+    return {"kind": kind}
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    implicit_tls_listen: tuple[str, ...] = ()
+    relay_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_message_size: int = field(default=25_000_000, metadata=_meta("size"))
+    max_recipients: int = 1000
+    max_connections: int = 200
+    idle_timeout: float = field(default=300.0, metadata=_meta("duration"))
+    tls_cert: str = field(default="", metadata=_meta("path"))
+    tls_key: str = field(default="", metadata=_meta("path"))
+    users_file: str = field(default="", metadata=_meta("path"))
+    allow_insecure_auth: bool = False
+    auth_failure_delay: float = field(default=2.0, metadata=_meta("duration"))
+
+    @property
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.relay_networks]
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    path: str = field(default="queue", metadata=_meta("path"))
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    smtp_port: int = 25
+    retry_intervals: tuple[float, ...] = field(
+        default=(300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0), metadata=_meta("durations")
+    )
+    max_queue_lifetime: float = field(default=5 * 86400.0, metadata=_meta("duration"))
+    bounce_lifetime: float = field(default=2 * 86400.0, metadata=_meta("duration"))
+    delay_warning: float = field(default=0.0, metadata=_meta("duration"))
+    concurrency: int = 50
+    per_domain_concurrency: int = 20
+    ipv6: bool = True
+    connect_timeout: float = field(default=30.0, metadata=_meta("duration"))
+    command_timeout: float = field(default=300.0, metadata=_meta("duration"))
+    data_timeout: float = field(default=600.0, metadata=_meta("duration"))
+    connection_reuse_time: float = field(default=5.0, metadata=_meta("duration"))
+    relayhost: str = ""
+    relayhost_tls: str = "verify"
+    relayhost_username: str = ""
+    relayhost_password_file: str = field(default="", metadata=_meta("path"))
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = field(default=5.0, metadata=_meta("duration"))
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: str = field(default="", metadata=_meta("path"))
+
+
+@dataclass(frozen=True)
+class MtaStsConfig:
+    enabled: bool = True
+    https_port: int = 443
+    cache_path: str = field(default="queue/sts-cache.db", metadata=_meta("path"))
+    fetch_timeout: float = field(default=60.0, metadata=_meta("duration"))
+    refresh_interval: float = field(default=3600.0, metadata=_meta("duration"))
+    draft03_compat: bool = False
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TlsRptConfig:
+    enabled: bool = False
+    organization_name: str = ""
+    contact_info: str = ""
+    report_sender: str = ""
+    send_hour_utc: int = 0
+    max_random_delay: float = field(default=4 * 3600.0, metadata=_meta("duration"))
+    record_all_sessions: bool = False
+    db_path: str = field(default="queue/tlsrpt.db", metadata=_meta("path"))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = "localhost"
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = field(default="<defaults>", metadata=_meta("internal"))
+
+
+def _fail(src: str, key: str, msg: str) -> typing.NoReturn:
+    raise ConfigError(f"{src}: {key}: {msg}")
+
+
+def _convert(src: str, key: str, value: Any, f: dataclasses.Field[Any], hint: Any, base: Path) -> Any:
+    kind = f.metadata.get("kind")
+    if kind in ("duration", "size", "path"):
+        if not isinstance(value, str):
+            _fail(src, key, f"expected a string, got {type(value).__name__}")
+        if kind == "path":
+            return "" if value == "" else str((base / value).resolve())
+        try:
+            return parse_duration(value) if kind == "duration" else parse_size(value)
+        except ValueError as exc:
+            _fail(src, key, str(exc).split(" (")[0])
+    if kind == "durations":
+        if not isinstance(value, list) or not value:
+            _fail(src, key, "expected a non-empty list of durations")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                if not isinstance(item, str):
+                    raise ValueError(f"{item!r} is not a duration (")
+                out.append(parse_duration(item))
+            except ValueError as exc:
+                _fail(src, f"{key}[{i}]", str(exc).split(" (")[0])
+        return tuple(out)
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(src, key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(src, key, f"expected an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(src, key, f"expected a string, got {value!r}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            _fail(src, key, f"expected a list of strings, got {value!r}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                _fail(src, f"{key}[{i}]", f"expected a string, got {item!r}")
+        return tuple(value)
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            _fail(src, key, "expected a table")
+        for k, v in value.items():
+            if not isinstance(v, str):
+                _fail(src, f"{key}.{k}", f"expected a string, got {v!r}")
+        return dict(value)
+    _fail(src, key, "unsupported setting")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, data: dict[str, Any], src: str, prefix: str, base: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("kind") != "internal"}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            _fail(src, key, "unknown key")
+        f = known[name]
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                _fail(src, key, "expected a table")
+            kwargs[name] = _build(hint, value, src, f"{key}.", base)  # type: ignore[arg-type]
+            continue
+        kwargs[name] = _convert(src, key, value, f, hint, base)
+    for name, f in known.items():
+        if name in kwargs:
+            continue
+        # Defaults that are paths are resolved against the config folder as well.
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, src, f"{prefix}{name}.", base)  # type: ignore[arg-type]
+        elif f.metadata.get("kind") == "path" and f.default not in ("", dataclasses.MISSING):
+            kwargs[name] = str((base / str(f.default)).resolve())
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    src = cfg.source
+    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$", cfg.hostname):
+        _fail(src, "hostname", f"{cfg.hostname!r} is not a host name")
+    sub = cfg.submission
+    if not sub.listen and not sub.implicit_tls_listen:
+        _fail(src, "submission.listen", "at least one listen address is required")
+    for key, items in (("submission.listen", sub.listen), ("submission.implicit_tls_listen", sub.implicit_tls_listen)):
+        for i, item in enumerate(items):
+            try:
+                host, _ = parse_hostport(item)
+                ipaddress.ip_address(host)
+            except ValueError:
+                _fail(src, f"{key}[{i}]", f"{item!r} is not an IP:port address")
+    for i, net in enumerate(sub.relay_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            _fail(src, f"submission.relay_networks[{i}]", f"{net!r} is not a network")
+    if bool(sub.tls_cert) != bool(sub.tls_key):
+        _fail(src, "submission.tls_key", "tls_cert and tls_key must be set together")
+    if sub.implicit_tls_listen and not sub.tls_cert:
+        _fail(src, "submission.implicit_tls_listen", "needs tls_cert and tls_key")
+    for key, value in (("submission.max_recipients", sub.max_recipients),
+                       ("submission.max_connections", sub.max_connections),
+                       ("delivery.concurrency", cfg.delivery.concurrency),
+                       ("delivery.per_domain_concurrency", cfg.delivery.per_domain_concurrency)):
+        if value < 1:
+            _fail(src, key, f"must be at least 1, got {value}")
+    if sub.max_message_size < 1024:
+        _fail(src, "submission.max_message_size", "must be at least 1KB")
+    for key, port in (("delivery.smtp_port", cfg.delivery.smtp_port), ("dns.port", cfg.dns.port),
+                      ("mta_sts.https_port", cfg.mta_sts.https_port)):
+        if not 0 < port < 65536:
+            _fail(src, key, f"{port} is not a port number")
+    for i, ns in enumerate(cfg.dns.nameservers):
+        try:
+            ipaddress.ip_address(ns)
+        except ValueError:
+            _fail(src, f"dns.nameservers[{i}]", f"{ns!r} is not an IP address")
+    d = cfg.delivery
+    if d.relayhost:
+        try:
+            parse_hostport(d.relayhost)
+        except ValueError:
+            _fail(src, "delivery.relayhost", f"{d.relayhost!r} is not host:port")
+    if d.relayhost_tls not in ("verify", "may"):
+        _fail(src, "delivery.relayhost_tls", f"{d.relayhost_tls!r} must be \"verify\" or \"may\"")
+    if bool(d.relayhost_username) != bool(d.relayhost_password_file):
+        _fail(src, "delivery.relayhost_password_file", "relayhost_username and password file go together")
+    for name, mode in cfg.mta_sts.overrides.items():
+        if mode not in ("none", "testing", "enforce") and not mode.startswith("version: STSv1"):
+            _fail(src, f"mta_sts.overrides.{name}", f"{mode!r} must be none, testing, enforce or a policy text")
+    if cfg.log.format not in ("text", "json"):
+        _fail(src, "log.format", f"{cfg.log.format!r} must be \"text\" or \"json\"")
+    if cfg.log.level not in ("debug", "info", "warning", "error"):
+        _fail(src, "log.level", f"{cfg.log.level!r} must be debug, info, warning or error")
+    if not 0 <= cfg.tlsrpt.send_hour_utc <= 23:
+        _fail(src, "tlsrpt.send_hour_utc", f"{cfg.tlsrpt.send_hour_utc} is not an hour 0-23")
+    if cfg.tlsrpt.enabled and not (cfg.tlsrpt.contact_info and cfg.tlsrpt.report_sender):
+        _fail(src, "tlsrpt.contact_info", "contact_info and report_sender are required when enabled")
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; raises ConfigError with one clear line."""
+    p = Path(path)
+    src = str(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{src}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{src}: invalid TOML: {exc}") from None
+    return from_dict(data, src, p.parent.resolve())
+
+
+def from_dict(data: dict[str, Any], src: str = "<config>", base: Path | None = None) -> Config:
+    """Build a Config from already-parsed TOML data (used by load and by tests)."""
+    cfg: Config = _build(Config, data, src, "", base or Path.cwd())
+    cfg = dataclasses.replace(cfg, source=src)
+    _validate(cfg)
+    return cfg

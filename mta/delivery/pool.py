@@ -1,0 +1,76 @@
+"""Idle SMTP connections kept for reuse (RSET) while fresh.
+
+A session is reused only for the same destination (MX host, address, port) AND the same TLS
+requirement, so a connection opened opportunistically can never serve an enforce delivery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mta.delivery.smtp_client import SmtpSession
+
+Key = tuple[str, str, int, Any]
+
+
+class ConnectionPool:
+    def __init__(self, max_idle_time: float, max_per_key: int = 8,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_idle_time = max_idle_time
+        self.max_per_key = max_per_key
+        self.clock = clock
+        self._idle: dict[Key, list[SmtpSession]] = {}
+        self.reused = 0
+
+    async def get(self, key: Key) -> SmtpSession | None:
+        """A fresh idle session for `key` that answered RSET, or None."""
+        sessions = self._idle.get(key)
+        while sessions:
+            session = sessions.pop()
+            if self.clock() - session.last_used > self.max_idle_time:
+                await self._close(session)
+                continue
+            if await session.reset():
+                self.reused += 1
+                return session
+            await self._close(session)
+        return None
+
+    async def put(self, key: Key, session: SmtpSession) -> None:
+        if self.max_idle_time <= 0:
+            await self._close(session)
+            return
+        sessions = self._idle.setdefault(key, [])
+        if len(sessions) >= self.max_per_key:
+            await self._close(session)
+            return
+        sessions.append(session)
+
+    async def sweep(self) -> None:
+        """Close sessions idle for longer than max_idle_time."""
+        now = self.clock()
+        for key, sessions in list(self._idle.items()):
+            keep = []
+            for s in sessions:
+                if now - s.last_used > self.max_idle_time:
+                    await self._close(s)
+                else:
+                    keep.append(s)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    async def close_all(self) -> None:
+        for sessions in self._idle.values():
+            for s in sessions:
+                await self._close(s)
+        self._idle.clear()
+
+    @staticmethod
+    async def _close(session: SmtpSession) -> None:
+        with contextlib.suppress(Exception):
+            await session.close()

@@ -1,0 +1,292 @@
+"""The durable spool: one folder, two files per message, commit point = atomic rename.
+
+Layout under `[queue] path`:
+    msg/<id>.eml    the message bytes, exactly as they will be sent
+    msg/<id>.json   the envelope and per-recipient state (MessageMeta, JSON with a schema number)
+    tmp/            files being written; anything here at start-up is debris and is removed
+    corrupt/        meta files that could not be parsed (kept for the operator, never retried)
+    ctl/            requests from the CLI to a running server (see control.py)
+    lock            flock()ed by the one `mta serve` that owns the spool
+
+Failure model (what a crash at any moment leaves, cf. maddy's queue):
+- `put`: data and meta are written and fsync'ed in tmp/, renamed into msg/ (data first), then
+  msg/ is fsync'ed. Only after that directory fsync does the caller answer 250. A crash before
+  it leaves at most an orphan pair in tmp/ or msg/ for a message that was never acknowledged:
+  start-up removes a data file without meta and a meta without data.
+- `update`: the new meta is written to tmp/, fsync'ed and renamed over the old one, so a reader
+  sees the old or the new state, never a torn file.
+- `remove`: the meta goes first (it is the commit point), then the data.
+
+All blocking calls run in worker threads (asyncio.to_thread) so the event loop never waits on
+the disk. Directory fsyncs of concurrent writers are coalesced (group commit): one fsync covers
+every rename made before it started, and no caller returns before a covering fsync finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mta.errors import CorruptEntry, SpoolError
+from mta.spool.state import MessageMeta, Recipient
+
+log = logging.getLogger("mta.spool")
+
+
+def new_id(now: float) -> str:
+    """Sortable, unique queue id: milliseconds since the epoch plus 40 random bits, hex."""
+    return f"{int(now * 1000):011X}{secrets.token_hex(5).upper()}"
+
+
+class _GroupSync:
+    """Coalesces fsync() calls on one directory across concurrent writers."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._requested = 0
+        self._completed = 0
+        self._running: asyncio.Future[None] | None = None
+
+    def _fsync(self) -> None:
+        fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def sync(self) -> None:
+        self._requested += 1
+        target = self._requested
+        while self._completed < target:
+            if self._running is None:
+                covers = self._requested
+                self._running = asyncio.ensure_future(asyncio.to_thread(self._fsync))
+                try:
+                    await self._running
+                finally:
+                    self._running = None
+                self._completed = max(self._completed, covers)
+            else:
+                # Someone else's fsync is in flight; it may have started before our rename, so wait
+                # for it and loop: the next round starts a fresh fsync that covers us.
+                with contextlib.suppress(OSError):
+                    await asyncio.shield(self._running)
+
+
+class SpoolStore:
+    """Owns the spool folder: put, load, update and remove messages durably."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.root = Path(path)
+        self.msg = self.root / "msg"
+        self.tmp = self.root / "tmp"
+        self.corrupt = self.root / "corrupt"
+        self.ctl = self.root / "ctl"
+        self._lock_fd: int | None = None
+        self._dirsync = _GroupSync(self.msg)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the folders; raise SpoolError with a clear reason if that is impossible."""
+        try:
+            for d in (self.root, self.msg, self.tmp, self.corrupt, self.ctl):
+                d.mkdir(parents=True, exist_ok=True)
+            probe = self.tmp / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise SpoolError(f"spool {self.root} is not writable: {exc.strerror or exc}") from None
+
+    def lock(self) -> None:
+        """Take the spool lock; a second `mta serve` on the same spool refuses to start."""
+        self.prepare()
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SpoolError(f"spool {self.root} is in use by another mta (pid {other})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def is_locked_by_other(self) -> bool:
+        """True when a running `mta serve` holds the lock (used by the CLI)."""
+        path = self.root / "lock"
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    def data_path(self, qid: str) -> Path:
+        return self.msg / f"{qid}.eml"
+
+    def meta_path(self, qid: str) -> Path:
+        return self.msg / f"{qid}.json"
+
+    # -- writing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _write_synced(path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _put_sync(self, meta: MessageMeta, data: bytes) -> None:
+        tmp_data = self.tmp / f"{meta.id}.eml"
+        tmp_meta = self.tmp / f"{meta.id}.json"
+        try:
+            self._write_synced(tmp_data, data)
+            self._write_synced(tmp_meta, json.dumps(meta.to_json()).encode())
+            os.rename(tmp_data, self.data_path(meta.id))
+            os.rename(tmp_meta, self.meta_path(meta.id))
+        except OSError as exc:
+            for p in (tmp_data, tmp_meta, self.data_path(meta.id), self.meta_path(meta.id)):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise SpoolError(_describe(exc)) from None
+
+    async def put(self, meta: MessageMeta, data: bytes) -> None:
+        """Store a new message; returns only when it is durable (then the caller may say 250)."""
+        await asyncio.to_thread(self._put_sync, meta, data)
+        try:
+            await self._dirsync.sync()
+        except OSError as exc:
+            await asyncio.to_thread(self._discard, meta.id)
+            raise SpoolError(_describe(exc)) from None
+
+    def _update_sync(self, meta: MessageMeta) -> None:
+        tmp_meta = self.tmp / f"{meta.id}.json.new"
+        try:
+            self._write_synced(tmp_meta, json.dumps(meta.to_json()).encode())
+            os.rename(tmp_meta, self.meta_path(meta.id))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp_meta.unlink()
+            raise SpoolError(_describe(exc)) from None
+
+    async def update(self, meta: MessageMeta) -> None:
+        """Replace a message's state atomically (old or new, never torn)."""
+        await asyncio.to_thread(self._update_sync, meta)
+        with contextlib.suppress(OSError):
+            # A lost state change only means a retry of already-final work (at-least-once).
+            await self._dirsync.sync()
+
+    def _discard(self, qid: str) -> None:
+        for p in (self.meta_path(qid), self.data_path(qid)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    async def remove(self, qid: str) -> None:
+        """Forget a message whose recipients are all final (meta first: it is the commit point)."""
+        await asyncio.to_thread(self._discard, qid)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def load_sync(self, qid: str) -> MessageMeta:
+        try:
+            raw = self.meta_path(qid).read_bytes()
+        except FileNotFoundError:
+            raise SpoolError(f"no such message {qid}") from None
+        try:
+            return MessageMeta.from_json(json.loads(raw))
+        except (ValueError, CorruptEntry) as exc:
+            raise CorruptEntry(f"{qid}: {exc}") from None
+
+    async def load(self, qid: str) -> MessageMeta:
+        return await asyncio.to_thread(self.load_sync, qid)
+
+    def read_data_sync(self, qid: str) -> bytes:
+        return self.data_path(qid).read_bytes()
+
+    async def read_data(self, qid: str) -> bytes:
+        return await asyncio.to_thread(self.read_data_sync, qid)
+
+    def ids(self) -> list[str]:
+        """Ids of every committed message (a meta file exists)."""
+        return sorted(p.name[:-5] for p in os.scandir(self.msg) if p.name.endswith(".json"))  # type: ignore[misc]
+
+    def recover(self) -> Iterator[MessageMeta]:
+        """Start-up scan: clean debris, quarantine corrupt metas, yield every message to resume."""
+        for entry in os.scandir(self.tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        names = {e.name for e in os.scandir(self.msg)}
+        for name in names:
+            stem, _, ext = name.rpartition(".")
+            if ext == "eml" and f"{stem}.json" not in names:
+                log.warning("spool: removing data without envelope %s (never acknowledged)", stem)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.msg / name)
+            elif ext == "json" and f"{stem}.eml" not in names:
+                log.warning("spool: removing envelope without data %s (never acknowledged)", stem)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.msg / name)
+        for name in sorted(names):
+            if not name.endswith(".json") or name[:-5] + ".eml" not in names:
+                continue
+            qid = name[:-5]
+            try:
+                yield self.load_sync(qid)
+            except CorruptEntry as exc:
+                log.error("spool: %s; moved to corrupt/", exc)
+                with contextlib.suppress(OSError):
+                    os.rename(self.msg / name, self.corrupt / name)
+            except SpoolError:
+                continue
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "spool disk is full"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "spool is not writable"
+    return f"spool write failed: {exc.strerror or exc}"
+
+
+def make_meta(
+    *, sender: str, recipients: list[str], data: bytes, now: float | None = None, client: str = "",
+    kind: str = "mail", eight_bit: bool = False, smtputf8: bool = False,
+) -> MessageMeta:
+    """A fresh MessageMeta with every recipient queued and due now."""
+    created = time.time() if now is None else now
+    return MessageMeta(
+        id=new_id(created),
+        sender=sender,
+        created=created,
+        size=len(data),
+        recipients=tuple(Recipient(address=r, next_attempt=created) for r in recipients),
+        client=client,
+        kind=kind,
+        eight_bit=eight_bit,
+        smtputf8=smtputf8,
+    )
