@@ -44,7 +44,7 @@ def parse_size(text: str) -> int:
 def parse_hostport(text: str) -> tuple[str, int]:
     """"127.0.0.1:2525" or "[::1]:2525" -> (host, port); raises ValueError."""
     m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
-    if not m or not 0 < int(m.group(2)) < 65536:
+    if not m or not 0 <= int(m.group(2)) < 65536:
         raise ValueError(f"{text!r} is not host:port")
     return m.group(1), int(m.group(2))
 
