@@ -1,0 +1,178 @@
+"""Composition root and lifecycle of `mta serve`.
+
+Builds every component from the Config (each gets only its section), starts the listeners, the
+scheduler and the background tasks, and drains on SIGTERM/SIGINT: stop accepting, let in-flight
+attempts finish (or leave their mail queued), release the spool lock, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+
+from mta import log
+from mta.config import Config, parse_hostport
+from mta.delivery.attempt import AttemptContext
+from mta.delivery.pool import ConnectionPool
+from mta.delivery.smtp_client import Timeouts
+from mta.delivery.worker import Worker
+from mta.net.dns import Resolver
+from mta.scheduler import Scheduler
+from mta.spool.state import MessageMeta
+from mta.spool.store import SpoolStore
+from mta.submission.auth import load_users
+from mta.submission.handler import SubmissionHandler
+from mta.submission.listener import Listeners
+
+_log = logging.getLogger("mta.app")
+DRAIN_TIMEOUT = 20.0
+
+
+def build_resolver(cfg: Config) -> Resolver:
+    return Resolver(nameservers=cfg.dns.nameservers, port=cfg.dns.port, timeout=cfg.dns.timeout)
+
+
+def build_sts(cfg: Config, resolver: Resolver) -> object | None:
+    """The MTA-STS service, or None when `[mta_sts] enabled = false`."""
+    if not cfg.mta_sts.enabled:
+        return None
+    from mta.sts.cache import PolicyCache
+    from mta.sts.service import StsService
+
+    overrides: dict[str, object] = {}
+    for domain, value in cfg.mta_sts.overrides.items():
+        if value in ("none",):
+            overrides[domain.lower()] = "none"
+        else:
+            from mta.sts.policy import parse_policy
+
+            text = value if value.startswith("version:") else f"version: STSv1\nmode: {value}\nmax_age: 86400\n"
+            overrides[domain.lower()] = parse_policy(text.encode())
+    Path(cfg.mta_sts.cache_path).parent.mkdir(parents=True, exist_ok=True)
+    return StsService(resolver=resolver, cache=PolicyCache(cfg.mta_sts.cache_path), https_port=cfg.mta_sts.https_port,
+                      ca_file=cfg.tls.ca_file or None, fetch_timeout=cfg.mta_sts.fetch_timeout,
+                      draft03_compat=cfg.mta_sts.draft03_compat, overrides=overrides)  # type: ignore[arg-type]
+
+
+def build_timeouts(cfg: Config) -> Timeouts:
+    d = cfg.delivery
+    return Timeouts(connect=d.connect_timeout, greeting=d.command_timeout, ehlo=d.command_timeout,
+                    mail=d.command_timeout, rcpt=d.command_timeout, data_init=d.command_timeout,
+                    data_block=d.data_timeout, data_final=d.data_timeout)
+
+
+class Relay:
+    """One running relay: listeners + spool + scheduler + workers."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.store = SpoolStore(cfg.queue.path)
+        self.stop_event = asyncio.Event()
+        self.resolver = build_resolver(cfg)
+        self.sts = build_sts(cfg, self.resolver)
+        self.pool = ConnectionPool(cfg.delivery.connection_reuse_time)
+        relay_auth = None
+        if cfg.delivery.relayhost_username:
+            secret = Path(cfg.delivery.relayhost_password_file).read_text().strip()
+            relay_auth = (cfg.delivery.relayhost_username, secret)
+        self.recorder = self._build_recorder()
+        self.ctx = AttemptContext(
+            hostname=cfg.hostname, resolver=self.resolver, pool=self.pool, timeouts=build_timeouts(cfg),
+            smtp_port=cfg.delivery.smtp_port, ipv6=cfg.delivery.ipv6, ca_file=cfg.tls.ca_file or None,
+            sts=self.sts, recorder=self.recorder,
+            relayhost=parse_hostport(cfg.delivery.relayhost) if cfg.delivery.relayhost else None,
+            relayhost_tls=cfg.delivery.relayhost_tls, relayhost_auth=relay_auth, rng=random.Random(),
+        )
+        self.worker = Worker(self.store, self.ctx, cfg.delivery, on_new_message=self.on_new_message)
+        self.scheduler = Scheduler(self.store, self.worker.deliver, cfg.delivery.concurrency)
+        users = load_users(cfg.submission.users_file) if cfg.submission.users_file else {}
+        self.handler = SubmissionHandler(cfg.submission, cfg.hostname, self.store, self.on_new_message, users)
+        self.listeners = Listeners(cfg.submission, cfg.hostname, self.handler)
+        self._background: list[asyncio.Task[None]] = []
+
+    def _build_recorder(self) -> object:
+        from mta.delivery.attempt import NullRecorder
+
+        if not self.cfg.tlsrpt.enabled:
+            return NullRecorder()
+        from mta.tlsrpt.store import ResultStore
+
+        return ResultStore(self.cfg.tlsrpt.db_path, sending_ip="127.0.0.1")
+
+    def on_new_message(self, meta: MessageMeta) -> None:
+        due = meta.next_due()
+        if due is not None:
+            self.scheduler.schedule(meta.id, due)
+
+    async def start(self) -> None:
+        self.store.lock()
+        started = time.monotonic()
+        count = 0
+        for meta in await asyncio.to_thread(lambda: list(self._resume())):
+            self.scheduler.schedule(*meta)
+            count += 1
+        await self.listeners.start()
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self.scheduler.run(self.stop_event)))
+        self._background.append(loop.create_task(self._sweep_pool()))
+        if self.sts is not None and hasattr(self.sts, "refresh_loop"):
+            self._background.append(loop.create_task(self.sts.refresh_loop(
+                self.stop_event, interval=self.cfg.mta_sts.refresh_interval)))
+        if hasattr(self.recorder, "flush_loop"):
+            self._background.append(loop.create_task(self.recorder.flush_loop(self.stop_event)))
+        if self.cfg.tlsrpt.enabled:
+            from mta.tlsrpt.sender import daily_loop
+
+            self._background.append(loop.create_task(daily_loop(self, self.stop_event)))
+        log.event("started", listen=" ".join(f"{h}:{p}" for h, p in self.listeners.addresses()),
+                  queued=count, resume_seconds=round(time.monotonic() - started, 2))
+
+    def _resume(self) -> list[tuple[str, float]]:
+        out = []
+        for meta in self.store.recover():
+            due = meta.next_due()
+            if meta.held:
+                continue
+            if due is None:
+                self.store._discard(meta.id)
+                continue
+            out.append((meta.id, due))
+        return out
+
+    async def _sweep_pool(self) -> None:
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=max(1.0, self.pool.max_idle_time))
+            await self.pool.sweep()
+
+    async def stop(self) -> None:
+        log.event("stopping", queued=self.scheduler.queued)
+        self.stop_event.set()
+        await self.listeners.stop()
+        await self.scheduler.drain(DRAIN_TIMEOUT)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.pool.close_all()
+        if hasattr(self.recorder, "close"):
+            await self.recorder.close()
+        if self.sts is not None and hasattr(self.sts, "close"):
+            await self.sts.close()
+        self.store.unlock()
+
+
+async def serve(cfg: Config) -> int:
+    relay = Relay(cfg)
+    await relay.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await relay.stop()
+    return 0

@@ -1,0 +1,190 @@
+"""Command-line interface: parses arguments, formats output and exit codes; no business logic.
+
+    mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
+Every command takes --config F (default: config.toml). Exit codes: 0 ok, 1 error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import asyncio
+import datetime
+import getpass
+import json
+import sys
+from typing import Any
+
+from mta import config as config_mod
+from mta import log
+from mta.errors import MtaError
+from mta.spool import control
+from mta.spool.state import MessageMeta
+from mta.spool.store import SpoolStore
+
+
+def _iso(ts: float | None) -> str | None:
+    if not ts:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def meta_json(meta: MessageMeta) -> dict[str, Any]:
+    return {
+        "id": meta.id, "sender": meta.sender, "created": _iso(meta.created), "size": meta.size,
+        "held": meta.held, "kind": meta.kind,
+        "recipients": [
+            {"address": r.address, "status": r.status.value, "attempts": r.attempts,
+             "last_error": r.last_error or None,
+             "next_attempt": _iso(r.next_attempt) if not r.status.final else None,
+             "sts_mode": r.sts_mode, "reason": r.reason or None}
+            for r in meta.recipients
+        ],
+    }
+
+
+def _load_all(store: SpoolStore) -> list[MessageMeta]:
+    out = []
+    for qid in store.ids():
+        try:
+            out.append(store.load_sync(qid))
+        except MtaError:
+            continue
+    return out
+
+
+def cmd_queue_list(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    metas = _load_all(SpoolStore(cfg.queue.path))
+    if args.json:
+        print(json.dumps([meta_json(m) for m in metas], indent=1))
+        return 0
+    if not metas:
+        print("Mail queue is empty")
+        return 0
+    print(f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} -Sender/Recipient-")
+    for m in metas:
+        flag = "!" if m.held else ""
+        print(f"{m.id + flag:<22} {m.size:>8} {_iso(m.created) or '':<20} {m.sender or 'MAILER-DAEMON'}")
+        for r in m.recipients:
+            if r.status.final:
+                continue
+            if r.last_error:
+                print(f"{'':<22} ({r.last_error[:120]})")
+            print(f"{'':<52} {r.address}  [{r.status.value}, attempts {r.attempts}]")
+    print(f"-- {len(metas)} message(s)")
+    return 0
+
+
+def cmd_queue_show(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    store = SpoolStore(cfg.queue.path)
+    meta = store.load_sync(args.id)
+    print(json.dumps(meta_json(meta), indent=1))
+    data = store.read_data_sync(args.id)
+    end = data.find(b"\r\n\r\n")
+    print(data[: end if end >= 0 else len(data)].decode("utf-8", "replace"))
+    return 0
+
+
+def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    store = SpoolStore(cfg.queue.path)
+    store.prepare()
+    qid = getattr(args, "id", None)
+    if qid and not store.meta_path(qid).exists():
+        print(f"mta: no such message {qid}", file=sys.stderr)
+        return 1
+    if store.is_locked_by_other():
+        control.submit(store, args.op, qid)
+        print(f"{args.op}: request passed to the running server")
+        return 0
+    store.lock()
+    try:
+        n = control.apply_offline(store, args.op, qid)
+    finally:
+        store.unlock()
+    print(f"{args.op}: {n} message(s)")
+    return 0
+
+
+def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from mta.app import serve
+
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        return uvloop.run(serve(cfg))  # type: ignore[no-any-return]
+    except ImportError:
+        return asyncio.run(serve(cfg))
+
+
+def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    print(f"{cfg.source}: ok")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from mta.submission.auth import set_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {args.user}: ")
+        if getpass.getpass("Again: ") != password:
+            print("mta: passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        set_password(args.users_file, args.user, password)
+    except ValueError as exc:
+        print(f"mta: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.users_file}: user {args.user} set")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mta", description="Outbound SMTP relay that enforces MTA-STS")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="config.toml", help="configuration file (TOML)")
+    common.add_argument("--log-format", choices=("text", "json"), help="override [log] format")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the relay").set_defaults(func=cmd_serve)
+    sub.add_parser("check-config", parents=[common], help="validate the configuration").set_defaults(
+        func=cmd_check_config)
+    q = sub.add_parser("queue", help="inspect and manage the spool").add_subparsers(dest="queue_cmd", required=True)
+    ql = q.add_parser("list", parents=[common], help="list queued messages")
+    ql.add_argument("--json", action="store_true")
+    ql.set_defaults(func=cmd_queue_list)
+    qs = q.add_parser("show", parents=[common], help="show one message")
+    qs.add_argument("id")
+    qs.set_defaults(func=cmd_queue_show)
+    qf = q.add_parser("flush", parents=[common], help="retry deferred mail now")
+    qf.add_argument("id", nargs="?")
+    qf.set_defaults(func=cmd_queue_op, op="flush")
+    for op in ("delete", "hold", "release"):
+        qo = q.add_parser(op, parents=[common], help=f"{op} one message")
+        qo.add_argument("id")
+        qo.set_defaults(func=cmd_queue_op, op=op)
+    pw = sub.add_parser("passwd", help="add or change an AUTH user")
+    pw.add_argument("--users-file", required=True)
+    pw.add_argument("user")
+    pw.set_defaults(func=None, raw=cmd_passwd)
+    from mta.cli_policy import add_policy_parser
+
+    add_policy_parser(sub, common)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "raw", None):
+        return int(args.raw(args))
+    try:
+        cfg = config_mod.load(args.config)
+        if args.log_format:
+            cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, format=args.log_format))
+        log.configure(cfg.log.format, cfg.log.level)
+        return int(args.func(cfg, args))
+    except MtaError as exc:
+        print(f"mta: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
