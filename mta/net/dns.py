@@ -1,0 +1,271 @@
+"""DNS lookups for delivery and MTA-STS: dnspython's async stub resolver behind typed results.
+
+Rule: this is the only module that talks DNS and the only place dnspython exceptions are seen.
+Each lookup ends in one of three ways: an answer, an authoritative negative (NXDOMAIN, or NODATA:
+the name exists without records of the type), or `DnsTemporaryError` (SERVFAIL, REFUSED, timeout,
+no nameserver). What a negative *means* is decided per record type here (MX: SMTP-2/4/6; A/AAAA
+and TXT: "nothing there") and nothing else is decided: ordering MX hosts is `mta.delivery.route`.
+
+- Nameservers: an empty list means the system resolver (/etc/resolv.conf); otherwise exactly the
+  configured servers and port, never the system ones (tests point us at a fake DNS on loopback).
+- Every lookup is bounded by `timeout` seconds in total (dnspython's `lifetime`); each try gets
+  `timeout / attempts`. Truncated UDP answers are retried over TCP by dnspython.
+- Names are converted to A-labels (IDNA 2008 with UTS 46 mapping) before any query (STS-5).
+- A small positive cache honours the answer TTL up to MAX_POSITIVE_TTL; authoritative negatives are
+  kept at most MAX_NEGATIVE_TTL; temporary failures are never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp.abc
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from mta.delivery.route import IMPLICIT, MX, NULL, MxAnswer
+from mta.errors import DnsError, DnsPermanentError, DnsTemporaryError
+
+__all__ = ["AiohttpResolver", "MxAnswer", "Resolver", "to_ascii"]
+
+MAX_POSITIVE_TTL = 300.0  # seconds; a long TTL must not pin a stale MX or TXT for hours
+MAX_NEGATIVE_TTL = 5.0  # seconds; a newly published record is seen almost at once
+MAX_CACHE_ENTRIES = 4096
+
+_OK, _NXDOMAIN, _NODATA = "ok", "nxdomain", "nodata"
+
+
+def to_ascii(domain: str) -> str:
+    """`domain` as lower-case A-labels without the trailing dot (STS-5, RFC 5890).
+
+    Raises DnsPermanentError for a name DNS cannot carry (empty label, label over 63 octets,
+    invalid U-label): no lookup of it can ever succeed.
+    """
+    text = domain[:-1] if domain.endswith(".") else domain
+    if not text:
+        raise DnsPermanentError(f"invalid domain name {domain!r}: empty")
+    try:
+        name = dns.name.from_text(text, origin=dns.name.root, idna_codec=dns.name.IDNA_2008_Practical)
+    except dns.exception.DNSException as exc:
+        raise DnsPermanentError(f"invalid domain name {domain!r}: {exc}") from exc
+    return name.to_text(omit_final_dot=True).lower()
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """One (name, type) lookup that did not fail: status and the records of the final owner."""
+
+    status: str  # _OK | _NXDOMAIN | _NODATA
+    rdatas: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    expires: float
+    value: _Lookup
+
+
+class Resolver:
+    """Typed MX/A/AAAA/TXT lookups through dnspython's async resolver (see the module rule)."""
+
+    def __init__(self, nameservers: Sequence[str] = (), port: int = 53, timeout: float = 5.0, attempts: int = 2,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout = timeout
+        self._clock = clock
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        if nameservers:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = list(nameservers)
+            resolver.port = port
+        else:
+            try:
+                resolver = dns.asyncresolver.Resolver(configure=True)
+            except dns.exception.DNSException:
+                # No usable /etc/resolv.conf: every lookup then fails temporarily ("no nameservers"),
+                # which defers mail instead of crashing the relay at start.
+                resolver = dns.asyncresolver.Resolver(configure=False)
+                resolver.nameservers = []
+        resolver.lifetime = timeout
+        resolver.timeout = timeout / max(1, attempts)
+        resolver.cache = None  # ours below; dnspython's would ignore our clock and bounds
+        self._resolver = resolver
+
+    @property
+    def nameservers(self) -> list[str]:
+        return [str(ns) for ns in self._resolver.nameservers]
+
+    def clear_cache(self) -> None:
+        """Forget every cached answer (positive and negative)."""
+        self._cache.clear()
+
+    async def mx(self, domain: str) -> MxAnswer:
+        """The MX answer for `domain` (RFC 5321 §5.1, RFC 7505).
+
+        - NXDOMAIN -> DnsPermanentError (SMTP-2).
+        - Only root (".") exchanges, whatever the preference -> kind "null" (NMX-1, NMX-4).
+        - Root exchange mixed with real ones -> the root record is ignored (NMX-3 decision).
+        - NODATA -> kind "implicit", ((0, domain),) when the domain has an A or AAAA record
+          (SMTP-4); otherwise DnsPermanentError "no MX and no address" (SMTP-6).
+        - A CNAME at the domain is followed by dnspython (SMTP-1); the records are the target's.
+        """
+        name = to_ascii(domain)
+        found = await self._lookup(name, "MX")
+        if found.status == _NXDOMAIN:
+            raise DnsPermanentError(f"{name}: domain does not exist (NXDOMAIN)")
+        if found.status == _NODATA:
+            if await self.addresses(name, ipv6=True):
+                return MxAnswer(IMPLICIT, ((0, name),))
+            raise DnsPermanentError(f"{name}: no MX and no address")
+        records = sorted((int(rd.preference), _host(rd.exchange)) for rd in found.rdatas)  # type: ignore[attr-defined]
+        real = tuple(r for r in records if r[1] != ".")
+        if not real:
+            return MxAnswer(NULL, tuple(records))
+        return MxAnswer(MX, real)
+
+    async def addresses(self, host: str, ipv6: bool = True) -> list[str]:
+        """IP addresses of `host`: AAAA first (when `ipv6`), then A, each in the order DNS gave (SMTP-11).
+
+        SMTP-13 decision: with `ipv6` off (an IPv4-only relay) AAAA is not even asked for; with it on,
+        IPv6 addresses are tried first (RFC 6724 default preference). An authoritative negative
+        (NXDOMAIN, NODATA) gives no addresses. A temporary failure of one family does not hide the
+        other family's addresses; it raises DnsTemporaryError only when no address was found.
+        A host that is already an IP address is returned as is (a configured smart host).
+        """
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [str(ip)] if ip.version == 4 or ipv6 else []
+        name = to_ascii(host)
+        rdtypes = ("AAAA", "A") if ipv6 else ("A",)
+        results = await asyncio.gather(*(self._lookup(name, t) for t in rdtypes), return_exceptions=True)
+        found: list[str] = []
+        failure: DnsTemporaryError | None = None
+        for result in results:
+            if isinstance(result, DnsTemporaryError):
+                failure = result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                found.extend(str(rd.address) for rd in result.rdatas)  # type: ignore[attr-defined]
+        if not found and failure is not None:
+            raise failure
+        return found
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records at `name`, CNAME chains followed (STS-21), NXDOMAIN/NODATA -> [].
+
+        Each record's character-strings are joined with no separator (STS-20) and decoded as
+        UTF-8 with replacement, so a stray byte can only make a record invalid, never crash.
+        """
+        found = await self._lookup(to_ascii(name), "TXT")
+        return [b"".join(rd.strings).decode("utf-8", errors="replace") for rd in found.rdatas]  # type: ignore[attr-defined]
+
+    async def _lookup(self, name: str, rdtype: str) -> _Lookup:
+        """Ask (or recall) `name`/`rdtype`; all dnspython exceptions are mapped here."""
+        key = (name, rdtype)
+        entry = self._cache.get(key)
+        if entry is not None and entry.expires > self._clock():
+            return entry.value
+        what = f"{name} {rdtype}"
+        try:
+            answer = await self._resolver.resolve(dns.name.from_text(name), rdtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN as exc:
+            self._store(key, _Lookup(_NXDOMAIN), min(_negative_ttl(exc), MAX_NEGATIVE_TTL))
+            return _Lookup(_NXDOMAIN)
+        except dns.exception.Timeout as exc:
+            raise DnsTemporaryError(f"{what}: no answer within {self.timeout:g}s") from exc
+        except dns.resolver.NoNameservers as exc:
+            raise DnsTemporaryError(f"{what}: no nameserver gave a usable answer ({_why(exc)})") from exc
+        except dns.resolver.YXDOMAIN as exc:
+            raise DnsPermanentError(f"{what}: name too long after DNAME substitution (YXDOMAIN)") from exc
+        except dns.exception.DNSException as exc:
+            # CNAME chain too long, malformed answers and the like: maybe fixed by the publisher later.
+            raise DnsTemporaryError(f"{what}: {exc.__class__.__name__}: {exc}") from exc
+        if answer.rrset is None:
+            found = _Lookup(_NODATA)
+            self._store(key, found, min(answer.chaining_result.minimum_ttl, MAX_NEGATIVE_TTL))
+        else:
+            found = _Lookup(_OK, tuple(answer.rrset))
+            self._store(key, found, min(answer.chaining_result.minimum_ttl, MAX_POSITIVE_TTL))
+        return found
+
+    def _store(self, key: tuple[str, str], value: _Lookup, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        now = self._clock()
+        if len(self._cache) >= MAX_CACHE_ENTRIES:
+            self._cache = {k: e for k, e in self._cache.items() if e.expires > now}
+            if len(self._cache) >= MAX_CACHE_ENTRIES:
+                self._cache.clear()
+        self._cache[key] = _Entry(now + ttl, value)
+
+
+def _host(name: dns.name.Name) -> str:
+    """An MX exchange as a lower-case host name without the final dot; the root stays "."."""
+    return name.to_text(omit_final_dot=True).lower()
+
+
+def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> float:
+    """The SOA-derived negative TTL (RFC 2308) of an NXDOMAIN answer; 0 (do not cache) if unknown."""
+    try:
+        responses = exc.responses()  # type: ignore[no-untyped-call]
+        return float(min(r.resolve_chaining().minimum_ttl for r in responses.values()))
+    except (dns.exception.DNSException, KeyError, ValueError):
+        return 0.0
+
+
+def _why(exc: dns.resolver.NoNameservers) -> str:
+    """A short reason from dnspython's per-server error list (e.g. "127.0.0.53 answered SERVFAIL")."""
+    errors = exc.kwargs.get("errors") or []
+    if not errors:
+        return "no nameservers configured"
+    reasons = []
+    for server, _tcp, _port, err, _response in errors:
+        if isinstance(err, str):  # an rcode such as "SERVFAIL"
+            reasons.append(f"{server} answered {err}")
+        else:
+            reasons.append(f"{server}: {err.__class__.__name__} {err}".rstrip())
+    return "; ".join(dict.fromkeys(reasons))
+
+
+class AiohttpResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's resolver interface on top of our `Resolver` (STS-38).
+
+    The MTA-STS fetcher resolves `mta-sts.<domain>` through the configured DNS servers, never the
+    system's getaddrinfo. No address or a DNS failure is an OSError, which aiohttp reports as
+    ClientConnectorDNSError.
+    """
+
+    def __init__(self, resolver: Resolver) -> None:
+        self._resolver = resolver
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[aiohttp.abc.ResolveResult]:
+        try:
+            found = await self._resolver.addresses(host, ipv6=family != socket.AF_INET)
+        except DnsError as exc:
+            raise OSError(f"cannot resolve {host}: {exc}") from exc
+        results: list[aiohttp.abc.ResolveResult] = []
+        for address in found:
+            fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+            if family not in (socket.AF_UNSPEC, fam):
+                continue
+            results.append(aiohttp.abc.ResolveResult(
+                hostname=host, host=address, port=port, family=fam, proto=0,
+                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
+        if not results:
+            raise OSError(f"cannot resolve {host}: no address")
+        return results
+
+    async def close(self) -> None:
+        return None
