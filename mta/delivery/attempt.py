@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mta.delivery.pool import ConnectionPool
-from mta.delivery.route import Candidate, MxAnswer, is_address_literal, order_mx
+from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, is_address_literal, order_mx
 from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
 from mta.errors import DeliveryError, DnsError, DnsPermanentError, PermanentDeliveryError, TransientDeliveryError
 from mta.model import SmtpReply
@@ -112,7 +112,7 @@ async def deliver_domain(ctx: AttemptContext, domain: str, rcpts: Sequence[str],
         candidates = [Candidate(host=host, preference=0)]
     elif is_address_literal(domain):
         # STS-4: no policy for address literals; connect straight to the address.
-        ip = domain[1:-1].removeprefix("IPv6:")
+        ip = address_literal_ip(domain) or domain
         return await _try_hosts(ctx, [(domain, [ip], False)], rcpts, sender, data, att, ctx.smtp_port,
                                 eight_bit, smtputf8, tls=TlsMode.MAY)
     else:
