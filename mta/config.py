@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import tomllib
 import typing
@@ -19,18 +20,21 @@ from typing import Any
 
 from mta.errors import ConfigError
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+# ASCII digits only (`\d` would also take "٣٠s"), and \Z rather than $ (which allows a final "\n").
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE = re.compile(r"^(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?$", re.IGNORECASE)
+_SIZE = re.compile(r"^([0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\Z", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 
 
 def parse_duration(text: str) -> float:
     """"30s" -> 30.0; raises ValueError. Units: ms, s, m, h, d."""
     m = _DURATION.match(text.strip())
-    if not m:
+    value = float(m.group(1)) * _DURATION_UNITS[m.group(2)] if m else math.nan
+    if not math.isfinite(value):
+        # float() turns 400 nines into inf instead of failing; an infinite timeout is not a duration.
         raise ValueError(f"\"{text}\" is not a duration (use e.g. 30s, 5m, 1h, 5d)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return value
 
 
 def parse_size(text: str) -> int:
@@ -43,7 +47,7 @@ def parse_size(text: str) -> int:
 
 def parse_hostport(text: str) -> tuple[str, int]:
     """"127.0.0.1:2525" or "[::1]:2525" -> (host, port); raises ValueError."""
-    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:([0-9]{1,5})", text) or re.fullmatch(r"([^:\[\]\s]+):([0-9]{1,5})", text)
     if not m or not 0 <= int(m.group(2)) < 65536:
         raise ValueError(f"{text!r} is not host:port")
     return m.group(1), int(m.group(2))
@@ -156,8 +160,13 @@ class Config:
     source: str = field(default="<defaults>", metadata=_meta("internal"))
 
 
+def _one_line(text: str) -> str:
+    """Escape control characters so a hostile key or value cannot break the one-line rule."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fail(src: str, key: str, msg: str) -> typing.NoReturn:
-    raise ConfigError(f"{src}: {key}: {msg}")
+    raise ConfigError(_one_line(f"{src}: {key}: {msg}"))
 
 
 def _convert(src: str, key: str, value: Any, f: dataclasses.Field[Any], hint: Any, base: Path) -> Any:
@@ -166,7 +175,10 @@ def _convert(src: str, key: str, value: Any, f: dataclasses.Field[Any], hint: An
         if not isinstance(value, str):
             _fail(src, key, f"expected a string, got {type(value).__name__}")
         if kind == "path":
-            return "" if value == "" else str((base / value).resolve())
+            try:
+                return "" if value == "" else str((base / value).resolve())
+            except (ValueError, OSError) as exc:  # e.g. an embedded NUL ("\u0000" in TOML)
+                _fail(src, key, f"{value!r} is not a usable path ({exc})")
         try:
             return parse_duration(value) if kind == "duration" else parse_size(value)
         except ValueError as exc:
@@ -268,6 +280,9 @@ def _validate(cfg: Config) -> None:
                        ("delivery.per_domain_concurrency", cfg.delivery.per_domain_concurrency)):
         if value < 1:
             _fail(src, key, f"must be at least 1, got {value}")
+    if sub.idle_timeout <= 0:
+        # aiosmtpd would close every connection at once (a zero timer fires immediately).
+        _fail(src, "submission.idle_timeout", "must be more than 0s")
     if sub.max_message_size < 1024:
         _fail(src, "submission.max_message_size", "must be at least 1KB")
     for key, port in (("delivery.smtp_port", cfg.delivery.smtp_port), ("dns.port", cfg.dns.port),
@@ -309,11 +324,13 @@ def load(path: str | Path) -> Config:
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{src}: cannot read: {exc.strerror}") from None
+        raise ConfigError(_one_line(f"{src}: cannot read: {exc.strerror}")) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{src}: invalid TOML: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers TOMLDecodeError, UnicodeDecodeError and int()'s 4300-digit limit inside
+        # tomllib; RecursionError comes from deeply nested arrays ("a = [[[[...").
+        raise ConfigError(_one_line(f"{src}: invalid TOML: {exc}")) from None
     return from_dict(data, src, p.parent.resolve())
 
 

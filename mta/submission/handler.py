@@ -8,6 +8,10 @@ Rules:
 - As a submission server (RFC 6409 §8) we add Message-ID and Date when missing and always
   prepend a Received: field (SMTP-43); bare CR / LF line ends become CRLF (SMTP-26 decision),
   so no `\\n.\\n` can ever be read as an end of data further down the line.
+- Nothing the client says reaches a header or a log line raw: addresses with control characters
+  are refused, the HELO name in Received: is reduced to printable ASCII, logged client text is
+  escaped, and passwords are never logged (AUTH of an unknown user costs one scrypt as well, so
+  timing does not tell which user names exist).
 """
 
 from __future__ import annotations
@@ -32,6 +36,22 @@ _HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.M)
 _LABEL_CHAR = r"[A-Za-z0-9\u0080-\U0010ffff]"
 _DOMAIN = re.compile(rf"^(?:\[[^\[\]\s]+\]|{_LABEL_CHAR}(?:[A-Za-z0-9\u0080-\U0010ffff.-]*{_LABEL_CHAR})?)$")
 _SOURCE_ROUTE = re.compile(r"^@[^:]+:")
+# C0/C1 controls, DEL and lone surrogates (invalid UTF-8 kept by surrogateescape) in an address would
+# reach MAIL/RCPT lines downstream, the Received: field and the logs.
+_BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_LOG_LIMIT = 256
+
+
+def log_safe(text: str, limit: int = _LOG_LIMIT) -> str:
+    """Client-supplied text for a log field: control characters escaped, length capped."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return out + "..." if len(text) > limit else out
+
+
+def helo_for_header(name: str) -> str:
+    """The EHLO/HELO argument as it may appear in our Received: field: printable ASCII, no spaces."""
+    cleaned = "".join(c if "!" <= c <= "~" else "?" for c in name[:255])
+    return cleaned or "unknown"
 
 
 def strip_source_route(address: str) -> str:
@@ -44,10 +64,15 @@ def valid_address(address: str) -> bool:
     local, sep, domain = address.rpartition("@")
     if not sep or not local or not domain or len(local) > 64 or len(domain) > 255 or len(address) > 254:
         return False
+    if _BAD_ADDRESS_CHARS.search(address):
+        return False
+    if " " in local and not (len(local) > 1 and local.startswith('"') and local.endswith('"')):
+        return False  # a space only inside a quoted local part (RFC 5321 §4.1.2 Quoted-string)
     return bool(_DOMAIN.match(domain)) and ".." not in domain
 
 
 def normalise_line_ends(data: bytes) -> bytes:
+    """Every CRLF, bare CR and bare LF becomes CRLF (SMTP-26)."""
     return _LINE_ENDS.sub(b"\r\n", data)
 
 
@@ -56,10 +81,26 @@ def header_block(data: bytes) -> bytes:
     return data if end < 0 else data[: end + 2]
 
 
+def _folded(value: str) -> str:
+    """A field value on CRLF-folded lines: every line after the first starts with white space, and
+    empty lines are dropped, so the value can neither start a header of its own nor end the header
+    section (a HELO name like `x\\rBcc: y` stays inside Received:)."""
+    lines = re.split(r"\r\n|\r|\n", value)
+    out = [lines[0]] + [ln if ln[:1] in (" ", "\t") else "\t" + ln for ln in lines[1:] if ln.strip()]
+    return "\r\n".join(out)
+
+
+def _field_bytes(text: str) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate surrogateescape cannot map back to a byte
+        return text.encode("utf-8", "replace")
+
+
 def add_submission_headers(data: bytes, *, received: str, hostname: str, now: float) -> bytes:
     """Prepend Received:, add Message-ID and Date when the client left them out (RFC 6409 §8)."""
     names = {m.group(1).lower() for m in _HEADER_NAME.finditer(header_block(data))}
-    extra = [f"Received: {received}"]
+    extra = [f"Received: {_folded(received)}"]
     if b"message-id" not in names:
         extra.append(f"Message-ID: {email.utils.make_msgid(domain=hostname)}")
     if b"date" not in names:
@@ -67,7 +108,19 @@ def add_submission_headers(data: bytes, *, received: str, hostname: str, now: fl
     if not data.startswith(b"\r\n") and not _HEADER_NAME.match(data):
         # No header section at all: keep the body a body.
         data = b"\r\n" + data
-    return "\r\n".join(extra).encode("utf-8", "surrogateescape") + b"\r\n" + data
+    return _field_bytes("\r\n".join(extra)) + b"\r\n" + data
+
+
+_DUMMY: list[str] = []
+
+
+def _dummy_hash() -> str:
+    """A stored hash nobody knows the password of, made once (an scrypt at import would slow startup)."""
+    if not _DUMMY:
+        from mta.submission.auth import hash_password
+
+        _DUMMY.append(hash_password(__name__))
+    return _DUMMY[0]
 
 
 class SubmissionHandler:
@@ -122,7 +175,7 @@ class SubmissionHandler:
                           rcpt_options: list[str]) -> str:
         peer = session.peer[0] if isinstance(session.peer, tuple) else "?"
         if not self.may_relay(session):
-            log.event("refused", recipient=address, client=peer, reason="relay access denied",
+            log.event("refused", recipient=log_safe(address), client=peer, reason="relay access denied",
                       reply="554 5.7.1 Relay access denied")
             return "554 5.7.1 Relay access denied"
         if len(envelope.rcpt_tos) >= self.cfg.max_recipients:
@@ -138,7 +191,7 @@ class SubmissionHandler:
         raw = envelope.original_content or b""
         now = time.time()
         peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
-        helo = session.host_name or "unknown"
+        helo = helo_for_header(session.host_name or "")
         tls = session.ssl and session.ssl.get("ssl_object")
         proto = "ESMTPSA" if session.authenticated else "ESMTPS" if tls else "ESMTP"
         # One recipient: name it (as Postfix does); several: naming them would leak Bcc.
@@ -180,11 +233,13 @@ class SubmissionHandler:
             return AuthResult(success=False, handled=False)
         user = auth_data.login.decode("utf-8", "replace")
         stored = self.users.get(user)
-        ok = stored is not None and verify_password(auth_data.password.decode("utf-8", "replace"), stored)
+        # An unknown user costs the same scrypt as a wrong password: no user enumeration by timing.
+        checked = verify_password(auth_data.password.decode("utf-8", "replace"), stored or _dummy_hash())
+        ok = stored is not None and checked
         peer = session.peer[0] if isinstance(session.peer, tuple) else "?"
         if not ok:
-            # The password is never logged; the user name is, to make brute force visible.
-            log.event("refused", client=peer, user=user, reason="authentication failed")
+            # The password is never logged; the user name is (escaped), to make brute force visible.
+            log.event("refused", client=peer, user=log_safe(user, 64), reason="authentication failed")
             return AuthResult(success=False, handled=False)
-        log.event("authenticated", client=peer, user=user)
+        log.event("authenticated", client=peer, user=log_safe(user, 64))
         return AuthResult(success=True, auth_data=user)
