@@ -102,7 +102,8 @@ class Relay:
             return NullRecorder()
         from mta.tlsrpt.store import ResultStore
 
-        return ResultStore(self.cfg.tlsrpt.db_path, sending_ip="127.0.0.1")
+        return ResultStore(self.cfg.tlsrpt.db_path, sending_ip="127.0.0.1",
+                           record_all_sessions=self.cfg.tlsrpt.record_all_sessions)
 
     def on_new_message(self, meta: MessageMeta) -> None:
         due = meta.next_due()

@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mta.cli_policy import add_policy_parser
 
     add_policy_parser(sub, common)
+    from mta.cli_tlsrpt import add_tlsrpt_parser
+
+    add_tlsrpt_parser(sub, common)
     return p
 
 
