@@ -7,8 +7,8 @@ Every command takes --config F (default: config.toml). Exit codes: 0 ok, 1 error
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import datetime
 import getpass
 import json
@@ -26,7 +26,7 @@ from mta.spool.store import SpoolStore
 def _iso(ts: float | None) -> str | None:
     if not ts:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def meta_json(meta: MessageMeta) -> dict[str, Any]:

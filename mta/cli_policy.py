@@ -118,7 +118,7 @@ async def cached(cfg: Config) -> list[dict[str, Any]]:
         await cache.close()
 
     def iso(ts: float) -> str:
-        return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     return [{"domain": e.domain, "txt_id": e.txt_id, "mode": e.policy.mode, "mx": list(e.policy.mx),
              "max_age": e.policy.max_age, "dialect": e.policy.dialect, "fetched_at": iso(e.fetched_at),

@@ -103,9 +103,16 @@ async def _lookup_policy(ctx: AttemptContext, domain: str, att: _Attempt) -> Non
 
 
 async def deliver_domain(ctx: AttemptContext, domain: str, rcpts: Sequence[str], sender: str, data: bytes,
-                         *, eight_bit: bool = False, smtputf8: bool = False) -> dict[str, Outcome]:
-    """Try to deliver `data` to `rcpts` (all in `domain`); returns an Outcome per recipient."""
-    att = _Attempt()
+                         *, eight_bit: bool = False, smtputf8: bool = False, apply_sts: bool = True,
+                         ) -> dict[str, Outcome]:
+    """Try to deliver `data` to `rcpts` (all in `domain`); returns an Outcome per recipient.
+
+    `apply_sts=False` is for TLS reports themselves (RPT-19: they are delivered even when the
+    report domain's policy cannot be satisfied).
+    """
+    att = _Attempt(policy_domain=domain)
+    if not apply_sts:
+        ctx = _without_sts(ctx)
     if ctx.relayhost:
         host, port = ctx.relayhost
         await _lookup_policy(ctx, host, att)  # STS-3: the smart host's name is the policy domain
@@ -187,6 +194,12 @@ async def _try_hosts(ctx: AttemptContext, hosts: list[tuple[str, list[str] | Non
     return _all(rcpts, TRANSIENT, SmtpReply(451, text, "4.4.1"), att)
 
 
+def _without_sts(ctx: AttemptContext) -> AttemptContext:
+    from dataclasses import replace
+
+    return replace(ctx, sts=None)
+
+
 async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode) -> tuple[SmtpSession, bool]:
     key = (host, address, port, mode)
     session = await ctx.pool.get(key)
@@ -216,10 +229,10 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
         att.any_transient = True
         return None
     verdict = check_tls(att.policy, session.starttls_offered, session.tls)
-    if att.policy is not None:
-        ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=verdict.result_type is None,
-                            result_type=verdict.result_type, mx_host=host, receiving_ip=address,
-                            reason=verdict.reason)
+    # One record per session; sessions without a policy are kept only with record_all_sessions.
+    ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy,
+                        success=verdict.result_type is None, result_type=verdict.result_type, mx_host=host,
+                        receiving_ip=address, reason=verdict.reason)
     if not verdict.ok:
         await ctx.pool._close(session)
         att.policy_errors.append(f"{relay}: {verdict.reason}")

@@ -26,6 +26,7 @@ from mta.model import RecipientStatus, SmtpReply
 from mta.spool import state
 from mta.spool.state import MessageMeta, Outcome
 from mta.spool.store import SpoolStore, make_meta
+from mta.tlsrpt.store import not_recorded
 
 _log = logging.getLogger("mta.delivery")
 
@@ -35,7 +36,7 @@ def _domain(address: str) -> str:
 
 
 def _utc(ts: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC)
 
 
 class Worker:
@@ -62,7 +63,8 @@ class Worker:
         async with self._slot(domain):
             try:
                 return await deliver_domain(self.ctx, domain, rcpts, meta.sender, data,
-                                            eight_bit=meta.eight_bit, smtputf8=meta.smtputf8)
+                                            eight_bit=meta.eight_bit, smtputf8=meta.smtputf8,
+                                            apply_sts=meta.kind != "report")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug must defer, never lose or bounce mail
@@ -90,7 +92,13 @@ class Worker:
         groups: dict[str, list[str]] = defaultdict(list)
         for r in due:
             groups[_domain(r.address)].append(r.address)
-        results = await asyncio.gather(*(self._attempt(d, rs, meta, data) for d, rs in groups.items()))
+        attempts = (self._attempt(d, rs, meta, data) for d, rs in groups.items())
+        if meta.kind == "report":
+            # RPT-23: a TLS report's own delivery never ends up in the next report.
+            with not_recorded():
+                results = await asyncio.gather(*attempts)
+        else:
+            results = await asyncio.gather(*attempts)
         outcomes: dict[str, Outcome] = {}
         for res in results:
             outcomes.update(res)
@@ -132,9 +140,14 @@ class Worker:
 
     async def _queue_notice(self, meta: MessageMeta, failed: list[FailedRecipient], data: bytes, now: float) -> None:
         to = bounce_recipient(meta.sender)
-        body = build_dsn(reporting_mta=self.ctx.hostname, original_sender=to, original=data, recipients=failed,
-                         arrival=_utc(meta.created), now=_utc(now),
-                         message_id=email.utils.make_msgid(domain=self.ctx.hostname))
+        try:
+            body = build_dsn(reporting_mta=self.ctx.hostname, original_sender=to, original=data, recipients=failed,
+                             arrival=_utc(meta.created), now=_utc(now),
+                             message_id=email.utils.make_msgid(domain=self.ctx.hostname))
+        except ValueError as exc:
+            # An unusable sender address cannot get a DSN; the failure is in the log either way.
+            _log.error("no DSN for %s: %s", meta.id, exc)
+            return
         dsn = make_meta(sender="", recipients=[to], data=body, now=now, kind="dsn")
         try:
             await self.store.put(dsn, body)
