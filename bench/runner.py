@@ -1,0 +1,249 @@
+"""One measured run: start a relay (mta or Postfix) for a case, load it, measure, stop it.
+
+Rule: both relays get the same treatment in the same order of steps:
+1. start with an empty queue in a fresh folder; 2. one warm-up message, waited for at the sink
+   (fills mta's DNS cache and, for MTA-STS, its policy cache: "warm cache"); 3. CPU baseline and
+   memory sampler; 4. t0, then `smtp-source` with SESSIONS-1 sessions plus the latency probe as the
+   last session, N messages in all; 5. submission ends when both exit; 6. end-to-end ends at the
+   sink's timestamp of message N; CPU is read right then; 7. stop, and check the relay's own log
+   says every message was delivered.
+
+Figures: submission rate = N / (submission end - t0); end-to-end rate = N / (last at sink - t0);
+latency p50/p99 from the probe; CPU s per 1,000 = tree CPU delta * 1000 / N; memory peaks from
+procstat.Sampler. Every wait is bounded (see `budget`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import procstat
+from postfix import PostfixRelay
+from world import DNS_IP, TLS_MX, World, free_port_on
+
+from tests.support.relay import RelayProcess, deep_merge, write_config
+
+SOURCE = "/usr/sbin/smtp-source"
+SENDER = "bench@source.test"
+HELO = "source.test"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    domain: str  # recipient domain
+    tls_sink: bool  # delivered to bench/sink.py (STARTTLS) rather than smtp-sink
+    reuse: bool  # submission: many messages per connection (smtp-source -d)
+    mta: dict[str, Any] = field(default_factory=dict)  # config overrides; "{sink_port}" is filled in
+    postfix_tls: str = "may"  # smtp_tls_security_level
+    note: str = ""
+
+
+CASES: dict[str, Case] = {c.name: c for c in (
+    Case("plain-reuse", "plain.test", False, True, note="plaintext delivery leg, many messages per connection"),
+    Case("plain-1pc", "plain.test", False, False, note="plaintext delivery leg, one message per connection"),
+    Case("tls-verify", "tls.test", True, True,
+         {"delivery": {"relayhost": TLS_MX + ":{sink_port}", "relayhost_tls": "verify"}}, "secure",
+         note="verified TLS: mta relayhost_tls=verify / Postfix secure, match=" + TLS_MX),
+    Case("sts-enforce", "sts.test", True, True, {"mta_sts": {"enabled": True}}, "secure",
+         note="MTA-STS enforce, warm cache / Postfix static secure policy (what a resolver returns)"),
+    Case("sts-none", "nosts.test", True, True, {"mta_sts": {"enabled": True}}, "may",
+         note="same destination without a policy: opportunistic STARTTLS"),
+)}
+
+
+def _fill(value: Any, port: int) -> Any:
+    if isinstance(value, dict):
+        return {k: _fill(v, port) for k, v in value.items()}
+    if isinstance(value, str):
+        return value.replace("{sink_port}", str(port))
+    return value
+
+
+def mta_config(run_dir: Path, port: int, world: World, case: Case) -> dict[str, Any]:
+    """Product defaults except what the benchmark world needs (and log format json, to count)."""
+    queue = run_dir / "queue"
+    data: dict[str, Any] = {
+        "hostname": "relay.test",
+        "submission": {"listen": [f"127.0.0.1:{port}"]},
+        "queue": {"path": str(queue)},
+        "delivery": {"smtp_port": world.sink_port},
+        "dns": {"nameservers": [DNS_IP], "port": world.dns.port},
+        "tls": {"ca_file": str(world.pki.ca_file)},
+        "mta_sts": {"enabled": False, "https_port": world.policy.port, "cache_path": str(queue / "sts-cache.db")},
+        "tlsrpt": {"enabled": False, "db_path": str(queue / "tlsrpt.db")},
+        "log": {"format": "json", "level": "info"},
+    }
+    return deep_merge(data, _fill(case.mta, world.sink_port))
+
+
+class MtaRelay:
+    kind = "mta"
+
+    def __init__(self, run_dir: Path, world: World, case: Case, overrides: dict[str, Any] | None = None) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port_on("127.0.0.1")
+        self.data = deep_merge(mta_config(run_dir, self.port, world, case), overrides or {})
+        self.proc = RelayProcess(write_config(run_dir, self.data), self.data)
+
+    def start(self) -> int:
+        self.proc.start()
+        assert self.proc.proc is not None
+        return self.proc.proc.pid
+
+    def stop(self) -> None:
+        try:
+            self.proc.stop(timeout=30)
+        except Exception:
+            self.proc.kill()
+
+    def delivered(self) -> int:
+        return len(self.proc.events("delivered"))
+
+    def log_tail(self) -> str:
+        return self.proc.log_text()[-3000:]
+
+
+class PostfixHandle:
+    kind = "postfix"
+
+    def __init__(self, run_dir: Path, world: World, case: Case) -> None:
+        self.port = free_port_on("127.0.0.1")
+        sink_ip = world.sink(case.tls_sink).host
+        self.pf = PostfixRelay(run_dir / "postfix", ("127.0.0.1", self.port), {case.domain: (sink_ip, world.sink_port)},
+                               tls=case.postfix_tls, ca_file=str(world.pki.ca_file), cert_match=TLS_MX)
+
+    def start(self) -> int:
+        self.pf.start()
+        pid = self.pf.master_pid()
+        assert pid is not None
+        return pid
+
+    def stop(self) -> None:
+        self.pf.stop()
+
+    def delivered(self) -> int:
+        return self.pf.count_log("status=sent")
+
+    def log_tail(self) -> str:
+        return self.pf.log_tail(3000)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def budget(n: int) -> float:
+    """Seconds allowed for one phase of a run: generous (50 messages/s), but bounded."""
+    return 60.0 + n / 50.0
+
+
+def _probe_cmd(port: int, count: int, size: int, reuse: bool, rcpt: str) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).with_name("probe.py")), "--host", "127.0.0.1", "--port", str(port),
+           "--count", str(count), "--size", str(size), "--to", rcpt, "--from", SENDER, "--helo", HELO]
+    return [*cmd, "--reuse"] if reuse else cmd
+
+
+def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: int, run_dir: Path, *,
+             mta_overrides: dict[str, Any] | None = None,
+             after_start: Callable[[int, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Measure one relay on one case; returns the figures (or {"error": ...}).
+
+    `after_start(root_pid, relay)` runs once the relay listens, before the warm-up; what it
+    returns is added to the figures (the scale case measures idle cost there).
+    """
+    relay: MtaRelay | PostfixHandle
+    relay = MtaRelay(run_dir, world, case, mta_overrides) if kind == "mta" else PostfixHandle(run_dir, world, case)
+    sink = world.sink(case.tls_sink)
+    rcpt = f"rcpt@{case.domain}"
+    extra: dict[str, Any] = {}
+    try:
+        t_start = time.monotonic()
+        root = relay.start()
+        extra["start_seconds"] = time.monotonic() - t_start
+        if after_start is not None:
+            extra.update(after_start(root, relay))
+        # 2. warm-up
+        before, _, _ = sink.snapshot()
+        warm = subprocess.run(_probe_cmd(relay.port, 1, size, True, rcpt), capture_output=True, text=True, timeout=60)
+        if warm.returncode != 0 or not sink.wait_for(before + 1, 60):
+            return {"error": f"warm-up message not delivered: {warm.stderr[-500:]}\n{relay.log_tail()}"}
+        # 3. baselines
+        c0, tls0, _ = sink.snapshot()
+        cpu0 = procstat.tree_cpu(root)
+        sink_cpu0 = procstat.tree_cpu(sink.proc.pid)
+        sampler = procstat.Sampler(root).start()
+        probe_n = max(1, n // sessions)
+        src_cmd = [SOURCE, "-s", str(max(1, sessions - 1)), "-m", str(n - probe_n), "-l", str(size), "-f", SENDER,
+                   "-t", rcpt, "-M", HELO, "-C", "5"] + (["-d"] if case.reuse else []) + [f"127.0.0.1:{relay.port}"]
+        # 4. load
+        t0 = time.monotonic()
+        src = subprocess.Popen(src_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        probe = subprocess.Popen(_probe_cmd(relay.port, probe_n, size, case.reuse, rcpt), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            probe_out, probe_err = probe.communicate(timeout=budget(n))
+            t_probe = time.monotonic()
+            _, src_err = src.communicate(timeout=max(1.0, budget(n) - (t_probe - t0)))
+            t_sub = time.monotonic()
+        except subprocess.TimeoutExpired:
+            src.kill()
+            probe.kill()
+            src.wait()
+            probe.wait()
+            sampler.stop()
+            return {"error": f"submission did not finish within {budget(n):.0f} s\n{relay.log_tail()}"}
+        t_sub = max(t_sub, t_probe)
+        if src.returncode != 0 or probe.returncode != 0:
+            sampler.stop()
+            return {"error": f"submission failed: smtp-source rc={src.returncode} {src_err[-300:]} "
+                             f"probe rc={probe.returncode} {probe_err[-300:]}\n{relay.log_tail()}"}
+        # 6. end to end
+        done = sink.wait_for(c0 + n, budget(n))
+        cpu1 = procstat.tree_cpu(root)
+        sink_cpu = procstat.tree_cpu(sink.proc.pid) - sink_cpu0
+        peak = sampler.stop()
+        c1, tls1, last = sink.snapshot()
+        if not done:
+            return {"error": f"only {c1 - c0} of {n} messages reached the sink within {budget(n):.0f} s\n"
+                             f"{relay.log_tail()}"}
+        lat = json.loads(probe_out)["latencies"]
+        result = {
+            "submit_rate": n / (t_sub - t0),
+            "e2e_rate": n / (last - t0),
+            "p50_ms": percentile(lat, 50) * 1000,
+            "p99_ms": percentile(lat, 99) * 1000,
+            "peak_rss_mb": peak.rss_mb,
+            "peak_pss_mb": peak.pss_mb,
+            "cpu_per_1k": (cpu1 - cpu0) * 1000 / n,
+            "latency_samples": len(lat),
+            "tls_share": (tls1 - tls0) / max(1, c1 - c0),
+            "seconds": last - t0,
+            # A sink busy most of the run would make it, not the relay, the bottleneck.
+            "sink_cpu_share": sink_cpu / max(1e-9, last - t0),
+            **extra,
+        }
+    except Exception as exc:  # one broken run must not stop the others; its reason is reported
+        return {"error": f"{type(exc).__name__}: {exc}\n{relay.log_tail()}"}
+    finally:
+        relay.stop()
+    # 7. the relay's own account must match the sink's
+    delivered = relay.delivered()
+    if delivered < n + 1:
+        result["warning"] = f"relay log shows {delivered} deliveries for {n + 1} messages"
+    return result
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
