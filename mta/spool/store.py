@@ -63,23 +63,33 @@ class _GroupSync:
         finally:
             os.close(fd)
 
+    def _start(self) -> asyncio.Future[None]:
+        covers = self._requested
+
+        def done(fut: asyncio.Future[None]) -> None:
+            self._running = None
+            if not fut.cancelled() and fut.exception() is None:
+                self._completed = max(self._completed, covers)
+
+        fut = asyncio.ensure_future(asyncio.to_thread(self._fsync))
+        fut.add_done_callback(done)
+        self._running = fut
+        return fut
+
     async def sync(self) -> None:
+        """Return once an fsync that started after this call's rename has finished."""
         self._requested += 1
         target = self._requested
         while self._completed < target:
-            if self._running is None:
-                covers = self._requested
-                self._running = asyncio.ensure_future(asyncio.to_thread(self._fsync))
-                try:
-                    await self._running
-                finally:
-                    self._running = None
-                self._completed = max(self._completed, covers)
-            else:
-                # Someone else's fsync is in flight; it may have started before our rename, so wait
-                # for it and loop: the next round starts a fresh fsync that covers us.
-                with contextlib.suppress(OSError):
-                    await asyncio.shield(self._running)
+            running = self._running
+            if running is not None and running.done():
+                # Finished, but its done-callback (which settles the counters) is still queued:
+                # yield once so it runs; awaiting a done future would not yield and would spin.
+                await asyncio.sleep(0)
+                continue
+            # An fsync in flight may have started before our rename: wait for it, then loop; the
+            # next round starts a fresh fsync that covers us. A failed fsync raises OSError here.
+            await asyncio.shield(running or self._start())
 
 
 class SpoolStore:

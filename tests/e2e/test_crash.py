@@ -17,7 +17,7 @@ import aiosmtplib
 
 from tests.support.relay import RelayProcess, base_config, deep_merge, listen_address, run_cli, write_config
 
-MSG = b"Subject: burst\r\n\r\n" + b"x" * 2000 + b"\r\n"
+MSG = b"Subject: burst\r\n\r\n" + (b"x" * 78 + b"\r\n") * 25
 
 
 async def _burst(host: str, port: int, acked: list[str], stop_at: float, clients: int = 10) -> None:

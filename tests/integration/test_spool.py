@@ -135,3 +135,16 @@ def test_meta_file_is_plain_json_with_schema(tmp_path: Path) -> None:
     data = json.loads(store.meta_path(meta.id).read_text())
     assert data["schema"] == 1 and data["recipients"][0]["status"] == "queued"
     assert MessageMeta.from_json(data) == meta
+
+
+async def test_group_commit_many_concurrent_puts_all_complete(tmp_path: Path) -> None:
+    """Directory fsyncs are shared across writers; every put still returns (no live-lock) and is durable."""
+    store = new_store(tmp_path)
+    metas = [make_meta(sender="s@a.test", recipients=["r@b.test"], data=b"x") for _ in range(300)]
+
+    async def staggered(i: int, meta: MessageMeta) -> None:
+        await asyncio.sleep((i % 7) * 0.001)
+        await store.put(meta, b"x")
+
+    await asyncio.wait_for(asyncio.gather(*(staggered(i, m) for i, m in enumerate(metas))), timeout=30)
+    assert len(store.ids()) == 300
