@@ -164,9 +164,12 @@ class SubmissionHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
-        address = strip_source_route(address)
-        if address and not valid_address(address):
-            return "553 5.1.7 Bad sender address syntax"
+        # aiosmtpd hands the null reverse-path over as "<>"; keep that (a falsy value would make
+        # aiosmtpd answer RCPT with 503) and store it as "" in the spool.
+        if address != "<>":
+            address = strip_source_route(address)
+            if not valid_address(address):
+                return "553 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -203,7 +206,7 @@ class SubmissionHandler:
             return "552 5.3.4 Message too big"
         options = {o.upper() for o in envelope.mail_options}
         meta = make_meta(
-            sender=envelope.mail_from or "",
+            sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             recipients=list(envelope.rcpt_tos),
             data=data,
             now=now,
