@@ -219,3 +219,73 @@ def test_sts_4_address_literal_gets_no_lookup(world: World) -> None:
     mx.wait_for_messages_blocking(1, timeout=10)
     assert not any("_mta-sts" in name for name, _ in world.dns.queries)
     time.sleep(0.1)
+
+
+def test_sts_3_smart_host_name_is_the_policy_domain(world: World) -> None:
+    hub = world.mx_host("relay.provider.test", "127.0.0.35")
+    world.sts("relay.provider.test", "enforce", ["relay.provider.test"])
+    relay = world.relay(world.config(delivery={"relayhost": f"relay.provider.test:{world.smtp_port}"}))
+    qid = world.submit(relay, ["bob@dst.test"])
+    hub.wait_for_messages_blocking(1, timeout=10)
+    [ev] = relay.wait_event("delivered", queue_id=qid)
+    assert ev["sts_mode"] == "enforce" and ev["verified"] is True
+    names = [n for n, _t in world.dns.queries]
+    assert "_mta-sts.relay.provider.test" in names
+    assert "_mta-sts.dst.test" not in names and "dst.test" not in names  # no MX lookup with a smart host
+
+
+def test_sts_6_cname_recipient_domain_keeps_original_policy_domain(world: World) -> None:
+    mx = world.mx_host("mx1.dst.test", "127.0.0.21")
+    world.domain("dst.test", [(10, "mx1.dst.test")])
+    world.zone.add("alias.test", "CNAME", "dst.test.")
+    world.sts("alias.test", "enforce", ["mx1.dst.test"])
+    relay = world.relay()
+    qid = world.submit(relay, ["bob@alias.test"])
+    mx.wait_for_messages_blocking(1, timeout=10)
+    [ev] = relay.wait_event("delivered", queue_id=qid)
+    assert ev["sts_mode"] == "enforce"
+    assert ("_mta-sts.alias.test", "TXT") in world.dns.queries
+
+
+def test_sts_82_policy_rechecked_before_lifetime_bounce(world: World) -> None:
+    """Every attempt re-queries the TXT id (STS-83), so the one that gives up did too (STS-82); DSN-7."""
+    mx = enforce_world(world, patterns=["mx.elsewhere.test"])
+    relay = world.relay(world.config(delivery={"retry_intervals": ["1s"], "max_queue_lifetime": "2s"}))
+    qid = world.submit(relay, ["bob@dst.test"])
+    [ev] = relay.wait_event("bounced", queue_id=qid, timeout=20)
+    attempts = ev["attempts"]
+    assert attempts >= 2 and ev["sts_mode"] == "enforce" and ev["status"] == "5.4.7"
+    assert world.dns.count("_mta-sts.dst.test", "TXT") >= attempts
+    assert mx.sessions == []  # type: ignore[attr-defined]
+    [dsn] = world.sender_mx.wait_for_messages_blocking(1, timeout=10)
+    assert b"MTA-STS policy of dst.test" in dsn.data
+
+
+def test_sts_87_valid_first_mx_means_second_never_contacted(world: World) -> None:
+    first = world.mx_host("mx1.dst.test", "127.0.0.21")
+    second = world.mx_host("mx2.dst.test", "127.0.0.22", cert="expired")
+    world.domain("dst.test", [(10, "mx1.dst.test"), (20, "mx2.dst.test")])
+    world.sts("dst.test", "enforce", ["*.dst.test"])
+    relay = world.relay()
+    world.submit(relay, ["bob@dst.test"])
+    first.wait_for_messages_blocking(1, timeout=10)
+    assert second.sessions == []
+
+
+def test_sts_89_mx_lookup_failure_defers_regardless_of_policy(world: World) -> None:
+    enforce_world(world)
+    world.zone.set_rcode("dst.test", "SERVFAIL", "MX")
+    relay = world.relay()
+    qid = world.submit(relay, ["bob@dst.test"])
+    [ev] = relay.wait_event("deferred", queue_id=qid)
+    assert ev["status"] == "4.4.3"
+
+
+def test_smtp_5_never_the_domain_address_when_mx_exists(world: World) -> None:
+    own = world.mx_host("dst.test", "127.0.0.36")  # the domain's own A record, with a listener
+    world.zone.add("down.dst.test", "A", "127.0.0.39")  # the only MX: nothing listens
+    world.domain("dst.test", [(10, "down.dst.test")])
+    relay = world.relay()
+    qid = world.submit(relay, ["bob@dst.test"])
+    relay.wait_event("deferred", queue_id=qid)
+    assert own.sessions == []
