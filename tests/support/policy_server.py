@@ -23,6 +23,8 @@ Configuration and logs may be touched from either thread (plain dict/list operat
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -30,7 +32,10 @@ from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 
-import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.support.pki import Leaf, TestPki
 
@@ -88,11 +93,30 @@ class _Host:
     paths: dict[str, Behaviour] = field(default_factory=dict)
 
 
-def _write_leaf(pki: TestPki, cert: trustme.LeafCert, stem: str) -> Leaf:
+def _custom_leaf(pki: TestPki, stem: str, common_name: str, sans: list[str]) -> Leaf:
+    """A leaf from the trusted test CA with a free-form CN and SAN dNSNames (no IDNA checks)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
     cert_path = Path(pki.folder) / f"{stem}.pem"
     key_path = Path(pki.folder) / f"{stem}.key"
-    cert_path.write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(key_path))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return Leaf(cert_path, key_path)
 
 
@@ -118,6 +142,7 @@ class PolicyServer:
         self._writers: set[asyncio.StreamWriter] = set()
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
+        self._closing = asyncio.Event()
 
     # ----- configuration -------------------------------------------------------------------
 
@@ -179,13 +204,14 @@ class PolicyServer:
             return self.pki.cn_only_leaf(name)
         if kind == "wildcard":
             return self.pki.leaf(f"*.{parent}")
+        self._extra += 1
+        stem = f"policy-{kind}-{self._extra}"
         if kind == "partial-wildcard":
-            return self.pki.leaf(f"{name.split('.', 1)[0].split('-', 1)[0]}-*.{parent}")
+            # STS-28/ID-4: "mta-*.example.com" (trustme refuses to mint it, so build it by hand)
+            return _custom_leaf(self.pki, stem, name, [f"{name.split('-', 1)[0]}-*.{parent}"])
         if kind == "cn-mismatch":
             # STS-28: the name only in the subject CN, a different name in the SAN.
-            self._extra += 1
-            cert = self.pki.ca.issue_cert(f"other.{parent}", common_name=name)
-            return _write_leaf(self.pki, cert, f"policy-cn-mismatch-{self._extra}")
+            return _custom_leaf(self.pki, stem, name, [f"other.{parent}"])
         raise ValueError(f"unknown certificate kind {kind!r}; one of {CERT_KINDS}")
 
     def _on_sni(self, ssl_obj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -199,6 +225,7 @@ class PolicyServer:
 
     async def start(self) -> None:
         """Listen on (address, port) in the running loop."""
+        self._closing = asyncio.Event()
         self._server = await asyncio.start_server(
             self._handle, self.address, self._port, ssl=self._listen_context, ssl_handshake_timeout=5
         )
@@ -208,10 +235,9 @@ class PolicyServer:
         """Close the listener and abort every open connection (stalled handlers included)."""
         if self._server is not None:
             self._server.close()
+        self._closing.set()  # stalled and dripping handlers return (a cancelled one would log noise)
         for writer in list(self._writers):
             writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
         if self._server is not None:
@@ -287,14 +313,20 @@ class PolicyServer:
         beh = host.paths.get(path) if host else None
         if beh is None:
             beh = Behaviour(body=b"not found\n", status=404)
-        if beh.stall == "before-headers":
-            await asyncio.sleep(3600)
+        if beh.stall == "before-headers" and await self._pause(3600):
+            return
         writer.write(self._head(beh))
         await writer.drain()
-        if beh.stall == "after-headers":
-            await asyncio.sleep(3600)
+        if beh.stall == "after-headers" and await self._pause(3600):
+            return
         await self._body(beh, writer)
         await writer.drain()
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, but wake when the server stops; True if it is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        return self._closing.is_set()
 
     @staticmethod
     def _head(beh: Behaviour) -> bytes:
@@ -317,8 +349,7 @@ class PolicyServer:
             raise ValueError(f"unknown framing {beh.framing!r}")
         return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
 
-    @staticmethod
-    async def _body(beh: Behaviour, writer: asyncio.StreamWriter) -> None:
+    async def _body(self, beh: Behaviour, writer: asyncio.StreamWriter) -> None:
         body = beh.body
         step = 1 if beh.drip else 4096
         for start in range(0, len(body), step):
@@ -327,8 +358,8 @@ class PolicyServer:
                 piece = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
             writer.write(piece)
             await writer.drain()
-            if beh.drip:
-                await asyncio.sleep(beh.drip)
+            if beh.drip and await self._pause(beh.drip):
+                return
         if beh.framing == "chunked":
             writer.write(b"0\r\n\r\n")
 

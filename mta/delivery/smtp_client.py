@@ -1,0 +1,435 @@
+"""One outbound SMTP session to one MX address, on aiosmtplib; library errors are mapped here only.
+
+Rule: `SmtpSession.open` either returns a session that has greeted, said EHLO (HELO only after
+500/502, SMTP-14) and, where offered or required, completed STARTTLS and said EHLO again
+(SMTP-15) - or raises a `TransientDeliveryError` so the caller tries the next address (SMTP-23).
+TLS modes:
+
+- `TlsMode.MAY` (no policy, testing, none): STARTTLS when offered with an unverifying context;
+  the certificate is still checked after the fact so `tls.verified` tells what enforce would have
+  said. A failed handshake is retried once in plaintext on a fresh connection (SMTP-16 decision).
+- `TlsMode.VERIFY` (enforce, verified relayhost): STARTTLS is required and OpenSSL checks chain,
+  validity, DNS-ID of the MX host name (STS-77/78) and TLS >= 1.2 (STS-80); SNI is the MX name
+  (STS-79). Any failure raises `TlsRequiredError` whose `result_type` follows STS-92, and nothing is
+  ever sent in plaintext (STS-75/76): no MAIL FROM on that connection.
+
+`send` runs one transaction and reports per recipient (SMTP-19): RCPT replies as given, except
+452/552 which mean "too many recipients, try later" (SMTP-18); DATA only if a RCPT was accepted,
+else RSET (SMTP-20); the DATA replies apply to every accepted recipient (SMTP-21). A lost
+connection or a timeout after MAIL leaves every recipient without a final answer at 451 4.4.2
+(SMTP-22, SMTP-32). Every command has its own timeout (SMTP-31, RFC 5321 §4.5.3.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import ipaddress
+import os
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPConnectError,
+    SMTPConnectResponseError,
+    SMTPConnectTimeoutError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+)
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+from mta.errors import TransientDeliveryError
+from mta.model import SmtpReply, TlsInfo
+from mta.net.tls import opportunistic_context, reference_name, tls_info, verify_peer, verifying_context
+
+_DATA_CHUNK = 64 * 1024
+# OpenSSL X509_V_ERR_* codes -> RFC 8460 result types (STS-92).
+_VERIFY_RESULT = {
+    9: "certificate-expired", 10: "certificate-expired",  # not yet valid, has expired
+    62: "certificate-host-mismatch",
+    2: "certificate-not-trusted", 18: "certificate-not-trusted", 19: "certificate-not-trusted",
+    20: "certificate-not-trusted", 21: "certificate-not-trusted", 27: "certificate-not-trusted",
+    28: "certificate-not-trusted",
+}
+# Connection trouble as aiosmtplib, asyncio and the socket layer raise it.
+_CONNECTION_ERRORS = (SMTPServerDisconnected, TimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds per step; defaults are RFC 5321 §4.5.3.2's minimums (SMTP-31)."""
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    ehlo: float = 300.0  # also STARTTLS, the TLS handshake, HELO, AUTH
+    mail: float = 300.0  # also RSET
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_final: float = 600.0
+
+
+class TlsMode(enum.Enum):
+    MAY = "may"
+    VERIFY = "verify"
+
+
+class TlsRequiredError(TransientDeliveryError):
+    """TLS was required (VERIFY) and this host could not provide it; never a reason to bounce."""
+
+    def __init__(self, result_type: str, reason: str) -> None:
+        super().__init__(SmtpReply(451, f"TLS required by policy: {reason}", "4.7.5"))
+        self.result_type = result_type
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TransactionResult:
+    """Per-recipient replies of one transaction (250 after DATA, or the error that applies)."""
+
+    replies: dict[str, SmtpReply]
+    mail_reply: SmtpReply | None = None
+    data_reply: SmtpReply | None = None
+
+
+def _reply(code: int, message: str) -> SmtpReply:
+    return SmtpReply.parse(code, message)
+
+
+def _handshake_failure(exc: BaseException) -> tuple[str, str]:
+    """(TLS-RPT result type, reason) for an exception out of STARTTLS's handshake (STS-92)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (_VERIFY_RESULT.get(exc.verify_code, "validation-failure"),
+                f"certificate verify failed: {exc.verify_message}")
+    if isinstance(exc, ssl.SSLError):
+        # The failure-reason-code is OpenSSL's error name (e.g. TLSV1_ALERT_PROTOCOL_VERSION).
+        return "validation-failure", f"TLS handshake failed: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError):
+        return "validation-failure", f"TLS handshake failed: timeout ({exc})"
+    return "validation-failure", f"TLS handshake failed: {exc}"
+
+
+class SmtpSession:
+    """An open, greeted SMTP connection; see the module docstring for what `open` guarantees."""
+
+    def __init__(self, smtp: aiosmtplib.SMTP, *, relay: str, timeouts: Timeouts, tls: TlsInfo | None,
+                 starttls_offered: bool) -> None:
+        self._smtp = smtp
+        self.relay = relay  # "mx.example.com[192.0.2.1]:25", for messages
+        self.timeouts = timeouts
+        self.tls = tls  # None: STARTTLS not attempted; version None: plaintext after a TLS failure
+        self.starttls_offered = starttls_offered
+        # Capabilities of the last EHLO (after TLS, if any); aiosmtplib forgets them on close.
+        ext = dict(smtp.esmtp_extensions)
+        self.extensions = ext
+        self.peer_size_limit = _size_limit(ext.get("size"))
+        self.supports_8bitmime = "8bitmime" in ext
+        self.supports_smtputf8 = "smtputf8" in ext
+        self.last_used = time.monotonic()
+        self._usable = True
+
+    # --- opening ------------------------------------------------------------------------------
+    @classmethod
+    async def open(cls, *, address: str, port: int, mx_host: str, helo_name: str, tls_mode: TlsMode,
+                   ca_file: str | None, timeouts: Timeouts) -> SmtpSession:
+        relay = f"{mx_host.rstrip('.')}[{address}]:{port}"
+        try:
+            ctx = verifying_context(ca_file) if tls_mode is TlsMode.VERIFY else opportunistic_context()
+        except (OSError, ssl.SSLError) as exc:  # our own trust store is broken: not the MX's fault
+            raise TransientDeliveryError(SmtpReply(451, f"cannot load CA file {ca_file}: {exc}", "4.7.5")) from exc
+        smtp = await _connect(address, port, relay, helo_name, timeouts)
+        try:
+            return await cls._secure(smtp, address=address, port=port, relay=relay, mx_host=mx_host,
+                                     helo_name=helo_name, tls_mode=tls_mode, ctx=ctx, ca_file=ca_file,
+                                     timeouts=timeouts)
+        except asyncio.CancelledError:
+            smtp.close()
+            raise
+
+    @classmethod
+    async def _secure(cls, smtp: aiosmtplib.SMTP, *, address: str, port: int, relay: str, mx_host: str,
+                      helo_name: str, tls_mode: TlsMode, ctx: ssl.SSLContext, ca_file: str | None,
+                      timeouts: Timeouts) -> SmtpSession:
+        """STARTTLS as the mode demands on a greeted connection (see the module docstring)."""
+        offered = smtp.supports_extension("starttls")
+        if not offered:
+            if tls_mode is TlsMode.VERIFY:
+                await _quit(smtp, timeouts)  # STS-75: no MAIL FROM, just QUIT
+                raise TlsRequiredError("starttls-not-supported", f"{relay} does not offer STARTTLS")
+            return cls(smtp, relay=relay, timeouts=timeouts, tls=None, starttls_offered=False)
+        sni = reference_name(mx_host)  # STS-79: the MX name, A-labels, no trailing dot; never an IP
+        if tls_mode is TlsMode.VERIFY and sni is None:
+            await _quit(smtp, timeouts)
+            raise TlsRequiredError("validation-failure", f"{relay}: no host name to verify a certificate against")
+        try:
+            await smtp.starttls(server_hostname=sni, tls_context=ctx, timeout=timeouts.ehlo)
+        except SMTPResponseException as exc:
+            refused = f"STARTTLS refused: {_reply(exc.code, exc.message)}"
+            if tls_mode is TlsMode.VERIFY:  # STS-92: a 4xx/5xx to STARTTLS counts as "not supported"
+                await _quit(smtp, timeouts)
+                raise TlsRequiredError("starttls-not-supported", f"{relay}: {refused}") from exc
+            if not smtp.is_connected:  # e.g. 421: the server hung up
+                smtp = await _connect(address, port, relay, helo_name, timeouts)
+            return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=refused), starttls_offered=True)
+        except (SMTPException, OSError, TimeoutError, ValueError) as exc:
+            smtp.close()
+            result_type, reason = _handshake_failure(exc)
+            if tls_mode is TlsMode.VERIFY:
+                raise TlsRequiredError(result_type, f"{relay}: {reason}") from exc  # STS-76: no plaintext retry
+            # SMTP-16 decision: opportunistic TLS that fails is retried once, in plaintext, on a new connection.
+            smtp = await _connect(address, port, relay, helo_name, timeouts)
+            return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=reason), starttls_offered=True)
+        ssl_object = smtp.get_transport_info("ssl_object")
+        if tls_mode is TlsMode.VERIFY:
+            info = tls_info(ssl_object, True, None)  # OpenSSL already refused anything unverified
+        else:
+            verified, error = verify_peer(ssl_object, ca_file, mx_host)
+            info = tls_info(ssl_object, verified, error)
+        await _ehlo(smtp, helo_name, relay, timeouts)  # SMTP-15: pre-TLS capabilities are void
+        return cls(smtp, relay=relay, timeouts=timeouts, tls=info, starttls_offered=True)
+
+    async def login(self, username: str, password: str) -> None:
+        """AUTH to a relay host; any failure is transient so the message stays queued."""
+        try:
+            await self._smtp.login(username, password, timeout=self.timeouts.ehlo)
+        except SMTPResponseException as exc:
+            raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc
+        except _CONNECTION_ERRORS as exc:
+            self._broken()
+            raise TransientDeliveryError(self._failure(exc, "AUTH")) from exc
+        except SMTPException as exc:
+            raise TransientDeliveryError(SmtpReply(451, f"{self.relay}: {exc}", "4.7.0")) from exc
+        self.last_used = time.monotonic()
+
+    # --- one transaction ------------------------------------------------------------------------
+    async def send(self, mail_from: str, rcpts: Sequence[str], data: bytes, *, eight_bit: bool = False,
+                   smtputf8: bool = False) -> TransactionResult:
+        """MAIL, RCPT per recipient, DATA; a reply per recipient. Raises only for MAIL 4xx/connection loss."""
+        try:
+            return await self._transaction(mail_from, list(dict.fromkeys(rcpts)), data, eight_bit, smtputf8)
+        except asyncio.CancelledError:
+            self._broken()  # half a transaction: the connection cannot be trusted any more
+            raise
+
+    async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes, eight_bit: bool,
+                           smtputf8: bool) -> TransactionResult:
+        self.last_used = time.monotonic()
+        body = normalize_message_line_endings(data)  # aiosmtplib's CRLF rules (SMTP-26)
+        refusal = self._refusal(len(body), eight_bit, smtputf8)
+        if refusal is not None:
+            return TransactionResult({r: refusal for r in rcpts})
+        options = []
+        if "size" in self.extensions:
+            options.append(f"SIZE={len(body)}")  # SMTP-29, RFC 1870
+        if eight_bit:
+            options.append("BODY=8BITMIME")  # RFC 6152
+        if smtputf8:
+            options.append("SMTPUTF8")  # RFC 6531
+        encoding = "utf-8" if smtputf8 else "ascii"
+        t = self.timeouts
+        try:
+            resp = await self._smtp.mail(mail_from, options=options, encoding=encoding, timeout=t.mail)
+        except SMTPResponseException as exc:
+            reply = _reply(exc.code, exc.message)
+            if reply.permanent:  # SMTP-23: 5yz to MAIL is final for every recipient (never cached, SMTP-24)
+                return TransactionResult({r: reply for r in rcpts}, reply)
+            raise TransientDeliveryError(reply) from exc  # SMTP-23: 4yz to MAIL -> next host
+        except ValueError as exc:  # includes UnicodeEncodeError: nothing was sent
+            reply = SmtpReply(553, f"sender {mail_from!r} cannot be sent: {exc}",
+                              "5.6.7" if isinstance(exc, UnicodeError) else "5.1.7")
+            return TransactionResult({r: reply for r in rcpts}, reply)
+        except (*_CONNECTION_ERRORS, SMTPException) as exc:
+            self._broken()
+            raise TransientDeliveryError(self._failure(exc, "MAIL FROM")) from exc
+        mail_reply = _reply(resp.code, resp.message)
+        replies: dict[str, SmtpReply] = {}
+        accepted: list[str] = []
+        for i, rcpt in enumerate(rcpts):
+            try:
+                resp = await self._smtp.rcpt(rcpt, encoding=encoding, timeout=t.rcpt)
+            except SMTPResponseException as exc:
+                replies[rcpt] = _rcpt_reply(exc.code, exc.message)
+                continue
+            except ValueError as exc:
+                replies[rcpt] = SmtpReply(553, f"recipient {rcpt!r} cannot be sent: {exc}",
+                                          "5.6.7" if isinstance(exc, UnicodeError) else "5.1.3")
+                continue
+            except (*_CONNECTION_ERRORS, SMTPException) as exc:
+                self._broken()
+                lost = self._failure(exc, "RCPT TO")
+                replies.update({r: lost for r in [*accepted, *rcpts[i:]]})  # SMTP-22
+                return TransactionResult(replies, mail_reply)
+            accepted.append(rcpt)
+            replies[rcpt] = _reply(resp.code, resp.message)
+        if not accepted:
+            await self._rset_quietly()  # SMTP-20: nobody to send to, so no DATA
+            return TransactionResult(replies, mail_reply)
+        try:
+            data_reply = await self._data(body)
+        except (*_CONNECTION_ERRORS, SMTPException) as exc:
+            self._broken()
+            lost = self._failure(exc, "DATA")  # SMTP-32: may duplicate, never bounce
+            replies.update({r: lost for r in accepted})
+            return TransactionResult(replies, mail_reply)
+        replies.update({r: data_reply for r in accepted})  # SMTP-21
+        self.last_used = time.monotonic()
+        return TransactionResult(replies, mail_reply, data_reply)
+
+    def _refusal(self, size: int, eight_bit: bool, smtputf8: bool) -> SmtpReply | None:
+        """A permanent reply when this peer cannot take the message as it is (nothing is sent)."""
+        if self.peer_size_limit is not None and size > self.peer_size_limit:  # SMTP-29
+            return SmtpReply(552, f"message size {size} exceeds the limit {self.peer_size_limit} of {self.relay}",
+                             "5.3.4")
+        if eight_bit and not self.supports_8bitmime:  # SMTP-30 decision: bounce, no downgrade
+            return SmtpReply(554, f"8-bit message but {self.relay} does not offer 8BITMIME", "5.6.3")
+        if smtputf8 and not self.supports_smtputf8:
+            return SmtpReply(553, f"internationalised addresses but {self.relay} does not offer SMTPUTF8",
+                             "5.6.7")
+        return None
+
+    async def _data(self, body: bytes) -> SmtpReply:
+        """DATA with its three timeouts (SMTP-31): 354, each block written, final reply.
+
+        aiosmtplib's `data()` has one timeout for all of it, so the steps are spelt out with the
+        protocol's own pieces: its CRLF normaliser and dot-stuffing regex (SMTP-25).
+        """
+        t = self.timeouts
+        resp = await self._smtp.execute_command(b"DATA", timeout=t.data_init)
+        if resp.code != 354:
+            return _reply(resp.code, resp.message)
+        protocol = self._smtp.protocol
+        if protocol is None:
+            raise SMTPServerDisconnected("Connection lost")
+        payload = PERIOD_REGEX.sub(b"..", body) + b".\r\n"
+        for start in range(0, len(payload), _DATA_CHUNK):
+            protocol.write(payload[start:start + _DATA_CHUNK])
+            if start + _DATA_CHUNK < len(payload):
+                # Flow control as StreamWriter.drain() does it; aiosmtplib keeps it in _drain_helper.
+                await asyncio.wait_for(protocol._drain_helper(), t.data_block)
+        # No await between the last write and this read, so the reply cannot slip past the reader.
+        resp = await protocol.read_response(timeout=t.data_final)
+        return _reply(resp.code, resp.message)
+
+    # --- reuse and closing -------------------------------------------------------------------------
+    async def reset(self) -> bool:
+        """RSET before reusing the connection; False if it can no longer be used."""
+        if not self._usable or not self._smtp.is_connected:
+            return False
+        try:
+            await self._smtp.rset(timeout=self.timeouts.mail)
+        except (*_CONNECTION_ERRORS, SMTPException):
+            self._broken()
+            return False
+        self.last_used = time.monotonic()
+        return True
+
+    async def close(self) -> None:
+        """QUIT (best effort) and close."""
+        self._usable = False
+        await _quit(self._smtp, self.timeouts)
+
+    @property
+    def usable(self) -> bool:
+        return self._usable and self._smtp.is_connected
+
+    async def _rset_quietly(self) -> None:
+        if not await self.reset():
+            self._broken()
+
+    def _broken(self) -> None:
+        self._usable = False
+        self._smtp.close()
+
+    def _failure(self, exc: BaseException, step: str) -> SmtpReply:
+        if isinstance(exc, TimeoutError):
+            return SmtpReply(451, f"timeout at {step} with {self.relay}", "4.4.2")
+        return SmtpReply(451, f"connection to {self.relay} lost at {step}: {exc}", "4.4.2")
+
+
+def _size_limit(value: str | None) -> int | None:
+    """RFC 1870: `SIZE n`; 0 or no number means no fixed limit."""
+    if not value:
+        return None
+    head = value.split()[0]
+    return int(head) if head.isdigit() and int(head) > 0 else None
+
+
+def _rcpt_reply(code: int, message: str) -> SmtpReply:
+    """SMTP-18: 452, and 552 to RCPT (RFC 5321 §4.5.3.1.10), mean "too many recipients": retry later."""
+    reply = _reply(code, message)
+    if code == 552:
+        enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.5.3"
+        return SmtpReply(452, f"{reply.text} (552 to RCPT taken as temporary)".strip(), enhanced)
+    return reply
+
+
+async def _connect(address: str, port: int, relay: str, helo_name: str, timeouts: Timeouts) -> aiosmtplib.SMTP:
+    """TCP connect, greeting and EHLO/HELO, each under its own timeout; failures are transient."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    except ValueError:
+        raise TransientDeliveryError(SmtpReply(421, f"connect to {relay}: not an IP address", "4.4.1")) from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), timeouts.connect)
+    except TimeoutError:
+        sock.close()
+        raise TransientDeliveryError(SmtpReply(421, f"connect to {relay}: timed out", "4.4.1")) from None
+    except BaseException as exc:
+        sock.close()
+        if not isinstance(exc, OSError):
+            raise
+        # asyncio words every failure "Connect call failed"; the errno says what happened.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise TransientDeliveryError(SmtpReply(421, f"connect to {relay}: {reason}", "4.4.1")) from None
+    smtp = aiosmtplib.SMTP(sock=sock, local_hostname=helo_name, timeout=timeouts.greeting, start_tls=False)
+    try:
+        await smtp.connect(timeout=timeouts.greeting)
+    except SMTPConnectResponseError as exc:
+        # SMTP-23: 4yz greeting, and (decision) 5yz greeting too, only rule out this host.
+        raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc
+    except SMTPConnectTimeoutError:
+        smtp.close()
+        raise TransientDeliveryError(SmtpReply(421, f"no greeting from {relay} (timeout)", "4.4.2")) from None
+    except (SMTPConnectError, SMTPResponseException, *_CONNECTION_ERRORS, SMTPException) as exc:
+        smtp.close()
+        raise TransientDeliveryError(SmtpReply(421, f"{relay} lost before greeting: {exc}", "4.4.2")) from None
+    await _ehlo(smtp, helo_name, relay, timeouts)
+    return smtp
+
+
+async def _ehlo(smtp: aiosmtplib.SMTP, helo_name: str, relay: str, timeouts: Timeouts) -> None:
+    """EHLO; HELO only when EHLO is unknown to the server (500/502, SMTP-14)."""
+    try:
+        try:
+            await smtp.ehlo(hostname=helo_name, timeout=timeouts.ehlo)
+        except SMTPHeloError as exc:
+            if exc.code not in (500, 502) or not smtp.is_connected:
+                raise
+            await smtp.helo(hostname=helo_name, timeout=timeouts.ehlo)
+    except SMTPResponseException as exc:
+        smtp.close()
+        raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc  # SMTP-23: next host
+    except asyncio.CancelledError:
+        smtp.close()
+        raise
+    except (*_CONNECTION_ERRORS, SMTPException) as exc:
+        smtp.close()
+        what = "timeout" if isinstance(exc, TimeoutError) else f"connection lost: {exc}"
+        raise TransientDeliveryError(SmtpReply(421, f"EHLO to {relay}: {what}", "4.4.2")) from exc
+
+
+async def _quit(smtp: aiosmtplib.SMTP, timeouts: Timeouts) -> None:
+    if smtp.is_connected:
+        with contextlib.suppress(*_CONNECTION_ERRORS, SMTPException):
+            await smtp.quit(timeout=min(timeouts.ehlo, 10.0))
+    smtp.close()
+
