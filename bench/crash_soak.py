@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.soak import run_soak  # noqa: E402
+from tests.support.soak import run_soak
 
 
 def main() -> int:

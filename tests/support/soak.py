@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from tests.support.relay import listen_address, run_cli
+from tests.support.relay import RelayProcess, listen_address, run_cli
 from tests.support.world import World
 
 
@@ -65,7 +65,7 @@ def run_soak(tmp: Path, rounds: int, *, seed: int = 1, clients: int = 8, round_s
         for _ in range(rounds):
             relay = world.relay(data)
 
-            async def one_round() -> None:
+            async def one_round(relay: RelayProcess = relay) -> None:
                 task = asyncio.ensure_future(_submit(host, port, acked, time.monotonic() + round_seconds, clients,
                                                      seq))
                 # SIGKILL at a random moment: during DATA, right after a 250, mid-delivery or mid-state-write.
