@@ -66,7 +66,7 @@ def test_second_lock_refused_with_clear_error(tmp_path: Path) -> None:
     a, b = SpoolStore(tmp_path / "q"), SpoolStore(tmp_path / "q")
     a.lock()
     try:
-        with pytest.raises(SpoolError, match=r"in use by another mta \(pid %d\)" % os.getpid()):
+        with pytest.raises(SpoolError, match=rf"in use by another mta \(pid {os.getpid()}\)"):
             b.lock()
         assert b.is_locked_by_other()
     finally:

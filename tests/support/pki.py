@@ -58,7 +58,7 @@ class TestPki:
         ca = self.untrusted_ca if untrusted else self.ca
         kwargs: dict[str, datetime.datetime] = {}
         if expired:
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             kwargs = {"not_before": now - datetime.timedelta(days=30), "not_after": now - datetime.timedelta(days=1)}
         return self._write(ca.issue_cert(*names, **kwargs))
 
@@ -67,7 +67,7 @@ class TestPki:
         key = ec.generate_private_key(ec.SECP256R1())
         ca_key = serialization.load_pem_private_key(self.ca.private_key_pem.bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(self.ca.cert_pem.bytes())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
