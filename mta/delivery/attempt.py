@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mta import log
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, is_address_literal, order_mx
 from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
@@ -90,6 +91,10 @@ async def _lookup_policy(ctx: AttemptContext, domain: str, att: _Attempt) -> Non
         return
     result = await ctx.sts.get_policy(domain)
     att.policy_domain = domain
+    if result.source == "override":
+        # Operators must see every delivery where their override replaced the published policy.
+        log.event("policy", domain=domain, sts_mode=result.policy.mode if result.policy else "none",
+                  reason="operator override from [mta_sts.overrides]")
     if result.failure is not None:
         # STS-91: a discovery failure is reportable (fetch error / invalid / webpki).
         ctx.recorder.record(policy_domain=domain, policy=result.policy, success=False,

@@ -289,3 +289,24 @@ def test_smtp_5_never_the_domain_address_when_mx_exists(world: World) -> None:
     qid = world.submit(relay, ["bob@dst.test"])
     relay.wait_event("deferred", queue_id=qid)
     assert own.sessions == []
+
+
+def test_override_none_stops_enforcing_and_is_logged(world: World) -> None:
+    mx = enforce_world(world, cert="expired")
+    relay = world.relay(world.config(mta_sts={"overrides": {"dst.test": "none"}}))
+    qid = world.submit(relay, ["bob@dst.test"])
+    mx.wait_for_messages_blocking(1, timeout=10)  # type: ignore[attr-defined]
+    assert relay.wait_event("delivered", queue_id=qid)[0]["sts_mode"] is None
+    [ev] = relay.wait_event("policy", domain="dst.test")
+    assert "override" in ev["reason"]
+    assert world.policy.requests_for("mta-sts.dst.test") == []
+
+
+def test_override_pinned_enforce_policy(world: World) -> None:
+    mx = enforce_world(world, cert="expired", mode="testing")
+    pinned = "version: STSv1\nmode: enforce\nmx: mx1.dst.test\nmax_age: 86400\n"
+    relay = world.relay(world.config(mta_sts={"overrides": {"dst.test": pinned}}))
+    qid = world.submit(relay, ["bob@dst.test"])
+    [ev] = relay.wait_event("deferred", queue_id=qid)
+    assert ev["sts_mode"] == "enforce"
+    assert mx.messages == []  # type: ignore[attr-defined]

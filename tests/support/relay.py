@@ -37,7 +37,10 @@ def _toml_value(value: Any) -> str:
 
 def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
     """Enough TOML for our config: scalars, lists and nested tables."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    def key(k: str) -> str:
+        return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+    lines = [f"{key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
     for k, v in data.items():
         if isinstance(v, dict):
             name = f"{prefix}{k}" if not any(c in k for c in ".:") else f'{prefix}"{k}"'
