@@ -1,19 +1,51 @@
 """Submission listeners: aiosmtpd SMTP protocols on our own event loop (not the threaded Controller).
 
-Adds what aiosmtpd leaves to us: a connection cap (421 beyond it), a growing delay after failed
-AUTH attempts from one address (brute force is slowed and logged), and implicit-TLS listeners.
+Adds what aiosmtpd leaves to us, each with bounded time and memory against hostile clients:
+- a connection cap (421 beyond it) and a listen backlog large enough that a burst gets that 421
+  promptly instead of stalling in the kernel queue;
+- AUTH brute force slowed per client address: attempts from one address run one at a time, each
+  after a delay growing with the earlier failures (so parallel connections do not dodge it);
+- DATA read with bounded memory: aiosmtpd 1.4.6 keeps every fragment of an over-long line (one
+  endless line, or bare-LF "lines") until a CRLF arrives, so 30 MB without CRLF cost 30 MB; ours
+  drops fragments and keeps at most max_message_size;
+- aiosmtpd's own log lines carry raw client text (every command line, an unrecognised "command"
+  that may be a base64 password sent after a refused AUTH): that text is redacted;
+- implicit-TLS listeners whose handshake must finish within idle_timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from mta.config import SubmissionConfig, parse_hostport
 from mta.submission.handler import SubmissionHandler
+
+_BACKLOG = 1024  # asyncio's default 100 lets a burst of connects sit in SYN_RECV for seconds
+_AUTH_DELAY_STEPS = 8  # the delay stops growing after this many failures
+_TRACKED_PEERS = 10000  # memory bound of the failure table
+
+
+class _RedactClientText(logging.Filter):
+    """aiosmtpd ("mail.log") logs client bytes; keep the record, drop the client's text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and args:
+            record.args = tuple(f"<{len(a)} octets redacted>" if isinstance(a, str | bytes | bytearray) else a
+                                for a in args)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Idempotent: adds the redacting filter to aiosmtpd's logger once per process."""
+    logger = logging.getLogger("mail.log")
+    if not any(isinstance(f, _RedactClientText) for f in logger.filters):
+        logger.addFilter(_RedactClientText())
 
 
 class _Limits:
@@ -24,10 +56,26 @@ class _Limits:
         self.active = 0
         self.auth_delay = auth_delay
         self.auth_failures: dict[str, int] = {}
+        self.auth_locks: dict[str, asyncio.Lock] = {}
+
+    def auth_lock(self, peer: str) -> asyncio.Lock:
+        if len(self.auth_locks) > _TRACKED_PEERS:
+            for key in [k for k, lock in self.auth_locks.items() if not lock.locked()]:
+                del self.auth_locks[key]
+        return self.auth_locks.setdefault(peer, asyncio.Lock())
+
+    def note_auth(self, peer: str, ok: bool) -> None:
+        if ok:
+            self.auth_failures.pop(peer, None)
+            return
+        if len(self.auth_failures) > _TRACKED_PEERS:
+            self.auth_failures.clear()
+        # Read-modify-write with no await in between: concurrent failures all count.
+        self.auth_failures[peer] = self.auth_failures.get(peer, 0) + 1
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with a connection cap and AUTH failure delays."""
+    """aiosmtpd's SMTP with a connection cap, AUTH failure delays and a memory-bounded DATA."""
 
     def __init__(self, handler: SubmissionHandler, limits: _Limits, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -55,17 +103,72 @@ class RelaySMTP(SMTP):
 
     async def smtp_AUTH(self, arg: str) -> None:
         peer = self.session.peer[0] if self.session and isinstance(self.session.peer, tuple) else "?"
-        failures = self._limits.auth_failures.get(peer, 0)
-        if failures:
-            # Each earlier failure from this address costs another delay step (capped).
-            await asyncio.sleep(self._limits.auth_delay * min(failures, 8))
-        await super().smtp_AUTH(arg)
-        if self.session is not None and not self.session.authenticated:
-            self._limits.auth_failures[peer] = failures + 1
-            if len(self._limits.auth_failures) > 10000:
-                self._limits.auth_failures.clear()
+        # One attempt at a time per address, so N parallel connections wait N delays, not one.
+        # Waiting here is bounded by the idle timer, which keeps running (it closes the connection).
+        async with self._limits.auth_lock(peer):
+            failures = self._limits.auth_failures.get(peer, 0)
+            if failures:
+                # Each earlier failure from this address costs another delay step (capped).
+                await asyncio.sleep(self._limits.auth_delay * min(failures, _AUTH_DELAY_STEPS))
+            if self.transport is None:
+                return
+            await super().smtp_AUTH(arg)
+            self._limits.note_auth(peer, self.session is not None and bool(self.session.authenticated))
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, same replies and end-of-data rule, but memory bounded by max_message_size.
+
+        Lines end at CRLF only and `.` CRLF ends the data only at the start of a line (RFC 5321
+        §4.1.1.4), so bare LF / CR can never make an end of data (SMTP-26, no smuggling). A line over
+        1000 octets (SMTP-27) or a message over the limit is read to its end and then refused; the
+        size refusal wins when both apply, being the one the client can act on.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        limit = self.data_size_limit or 0
+        kept: list[bytes] = []
+        size = 0
+        too_long = False
+        at_line_start = True
+        while self.transport is not None:
+            try:
+                chunk = await self._reader.readuntil(b"\r\n")
+                complete = True
+            except asyncio.LimitOverrunError as exc:
+                # No CRLF within the reader's limit: this line is too long; read a piece and drop it.
+                chunk = await self._reader.read(exc.consumed)
+                complete = False
+            if at_line_start and chunk == b".\r\n":
+                break
+            size += len(chunk)
+            too_long = too_long or not complete or len(chunk) > self.line_length_limit
+            if too_long or (limit and size > limit):
+                kept.clear()  # refused anyway: hold nothing more
+            elif at_line_start:
+                kept.append(chunk[1:] if chunk.startswith(b".") else chunk)  # §4.5.2 transparency
+            at_line_start = complete
+        if limit and size > limit:
+            status: Any = "552 5.3.4 Message size exceeds fixed maximum message size"
+        elif too_long:
+            status = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
         else:
-            self._limits.auth_failures.pop(peer, None)
+            content = b"".join(kept)
+            kept.clear()
+            self.envelope.content = content
+            self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA")
+            status = "250 OK" if status is MISSING else status
+        self._set_post_data_state()
+        await self.push(status)
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -83,6 +186,7 @@ class Listeners:
         self.hostname = hostname
         self.handler = handler
         self.limits = _Limits(cfg.max_connections, cfg.auth_failure_delay)
+        install_log_redaction()
         self.tls_context = server_tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         self.servers: list[asyncio.Server] = []
 
@@ -108,7 +212,9 @@ class Listeners:
                 server = await loop.create_server(
                     lambda implicit=implicit: self._factory(implicit),  # type: ignore[misc]
                     host=host, port=port, ssl=self.tls_context if implicit else None,
-                    reuse_address=True,
+                    reuse_address=True, backlog=_BACKLOG,
+                    # The SMTP idle timer starts only after the handshake: bound the handshake too.
+                    ssl_handshake_timeout=self.cfg.idle_timeout if implicit else None,
                 )
                 self.servers.append(server)
 
