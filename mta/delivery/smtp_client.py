@@ -15,9 +15,10 @@ TLS modes:
 
 `send` runs one transaction and reports per recipient (SMTP-19): RCPT replies as given, except
 452/552 which mean "too many recipients, try later" (SMTP-18); DATA only if a RCPT was accepted,
-else RSET (SMTP-20); the DATA replies apply to every accepted recipient (SMTP-21). A lost
-connection or a timeout after MAIL leaves every recipient without a final answer at 451 4.4.2
-(SMTP-22, SMTP-32). Every command has its own timeout (SMTP-31, RFC 5321 §4.5.3.2).
+else RSET (SMTP-20); the DATA replies apply to every accepted recipient (SMTP-21). MAIL 5xx is
+final for all; MAIL 4xx, or the connection lost at MAIL, raises so the next host is tried
+(SMTP-23). A lost connection or a timeout after MAIL leaves every recipient without a final
+answer at 451 4.4.2 (SMTP-22, SMTP-32). Every command has its own timeout (SMTP-31, §4.5.3.2).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class SmtpSession:
         self.relay = relay  # "mx.example.com[192.0.2.1]:25", for messages
         self.timeouts = timeouts
         self.tls = tls  # None: STARTTLS not attempted; version None: plaintext after a TLS failure
-        self.starttls_offered = starttls_offered
+        self.starttls_offered = starttls_offered  # advertised and not refused with 4xx/5xx (STS-92)
         # Capabilities of the last EHLO (after TLS, if any); aiosmtplib forgets them on close.
         ext = dict(smtp.esmtp_extensions)
         self.extensions = ext
@@ -177,7 +178,8 @@ class SmtpSession:
                 raise TlsRequiredError("starttls-not-supported", f"{relay}: {refused}") from exc
             if not smtp.is_connected:  # e.g. 421: the server hung up
                 smtp = await _connect(address, port, relay, helo_name, timeouts)
-            return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=refused), starttls_offered=True)
+            # Refused is reported like not offered (STS-92), so starttls_offered is False.
+            return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=refused), starttls_offered=False)
         except (SMTPException, OSError, TimeoutError, ValueError) as exc:
             smtp.close()
             result_type, reason = _handshake_failure(exc)
