@@ -262,16 +262,29 @@ class ResultStore:
                                    check_same_thread=False)
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                # WAL: readers (the CLI) never block the server's writers and vice versa.
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
-                conn.executescript(_SCHEMA)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._setup(conn)
             except sqlite3.Error:
                 conn.close()
                 raise
             self._conn = conn
         return self._conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and schema. Switching the journal mode can fail with "locked" at once (SQLite
+        does not wait on busy_timeout there) while another process opens the same file, so retry."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                # WAL: readers (the CLI) never block the server's writers and vice versa.
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.executescript(_SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
