@@ -216,6 +216,20 @@ class PostfixRelay:
         except OSError:
             return 0
 
+    def grep_log(self, needles: tuple[str, ...], limit: int) -> list[str]:
+        """Up to `limit` log lines holding one of `needles` (not the routine post-CONNECT ones)."""
+        out: list[str] = []
+        try:
+            with open(self.maillog, errors="replace") as f:
+                for line in f:
+                    if any(n in line for n in needles) and "after CONNECT" not in line:
+                        out.append(line.strip())
+                        if len(out) >= limit:
+                            break
+        except OSError:
+            pass
+        return out
+
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -140,6 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-minutes", type=float, default=60.0, help="stop starting new runs after this")
     ap.add_argument("--workdir", default="", help="where queues go (default: a new folder in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--profile", default="", help="run mta under cProfile; .prof files go to this folder")
     ap.add_argument("--results", default=str(BENCH / "results-latest.md"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print("relay_bench: run as root (Postfix's daemons switch to the `postfix` user)", file=sys.stderr)
         return 2
     info = machine()
+    if args.profile:
+        runner.MtaRelay.profile_dir = Path(args.profile).resolve()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mta-bench-", dir="/var/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.max_minutes * 60

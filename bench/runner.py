@@ -16,6 +16,7 @@ procstat.Sampler. Every wait is bounded (see `budget`).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from typing import Any
 
 import procstat
 from postfix import PostfixRelay
-from world import DNS_IP, TLS_MX, World, free_port_on
+from world import DNS_IP, TLS_MX, World, free_port_on, wait_port
 
 from tests.support.relay import RelayProcess, deep_merge, write_config
 
@@ -88,14 +89,28 @@ def mta_config(run_dir: Path, port: int, world: World, case: Case) -> dict[str, 
 class MtaRelay:
     kind = "mta"
 
+    #: When set, `mta serve` runs under cProfile and writes <profile_dir>/<run folder>.prof on exit.
+    profile_dir: Path | None = None
+
     def __init__(self, run_dir: Path, world: World, case: Case, overrides: dict[str, Any] | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
         self.port = free_port_on("127.0.0.1")
         self.data = deep_merge(mta_config(run_dir, self.port, world, case), overrides or {})
         self.proc = RelayProcess(write_config(run_dir, self.data), self.data)
 
     def start(self) -> int:
-        self.proc.start()
+        if self.profile_dir is None:
+            self.proc.start()
+        else:
+            # Same as RelayProcess.start, with cProfile in front of `-m mta serve`.
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            out = self.profile_dir / f"{self.run_dir.name}.prof"
+            with open(self.proc.log_path, "ab") as log:
+                self.proc.proc = subprocess.Popen(
+                    [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "mta", "serve", "--config",
+                     str(self.proc.config)], stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            wait_port("127.0.0.1", self.port, 20)
         assert self.proc.proc is not None
         return self.proc.proc.pid
 
@@ -110,6 +125,12 @@ class MtaRelay:
 
     def log_tail(self) -> str:
         return self.proc.log_text()[-3000:]
+
+    def problems(self) -> str:
+        """The relay's own account of undelivered mail: counts and a few reasons."""
+        bad = self.proc.events("deferred") + self.proc.events("bounced")
+        reasons = "; ".join(sorted({str(e.get("reply") or e.get("reason")) for e in bad})[:3])
+        return f"mta log: {self.delivered()} delivered, {len(bad)} deferred/bounced {reasons}"
 
 
 class PostfixHandle:
@@ -135,6 +156,11 @@ class PostfixHandle:
 
     def log_tail(self) -> str:
         return self.pf.log_tail(3000)
+
+    def problems(self) -> str:
+        """Postfix's own account of undelivered mail: counts and a few log lines."""
+        lines = self.pf.grep_log(("status=deferred", "status=bounced", "warning:", "lost connection"), 5)
+        return f"postfix log: {self.delivered()} sent; " + " | ".join(lines)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -216,8 +242,8 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
         peak = sampler.stop()
         c1, tls1, last = sink.snapshot()
         if not done:
-            return {"error": f"only {c1 - c0} of {n} messages reached the sink within {budget(n):.0f} s\n"
-                             f"{relay.log_tail()}"}
+            return {"error": f"only {c1 - c0} of {n} messages reached the sink within {budget(n):.0f} s; "
+                             f"{relay.problems()}\n{relay.log_tail()}"}
         lat = json.loads(probe_out)["latencies"]
         result = {
             "submit_rate": n / (t_sub - t0),

@@ -135,6 +135,11 @@ class SinkProtocol(asyncio.Protocol):
             self.transport.close()
             self.transport = None
         elif line.upper() == b"STARTTLS" and self.tls_context is not None and not self.tls:
+            # Stop reading BEFORE the 220: the ClientHello may follow at once, and bytes read by
+            # this plaintext protocol before start_tls() takes over would be lost (a stalled
+            # handshake). start_tls() resumes reading itself.
+            assert self.transport is not None
+            self.transport.pause_reading()
             self._reply("220 2.0.0 Ready to start TLS\r\n")
             self.upgrading = True
             self.buf.clear()
