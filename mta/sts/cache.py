@@ -23,7 +23,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mta.errors import MtaError, StsPolicyError
 from mta.sts.decide import CacheEntry
@@ -156,7 +156,7 @@ class PolicyCache:
                         self._last_used_written.setdefault(entry.domain, float(row[8]))
             self._loaded = True
 
-    def _read_all(self) -> list[tuple[object, ...]]:
+    def _read_all(self) -> list[tuple[Any, ...]]:
         return list(self._connection().execute(f"SELECT {_COLUMNS} FROM policies"))
 
     def _write_row(self, domain: str) -> None:
@@ -188,7 +188,7 @@ class PolicyCache:
                 self._conn = None
 
 
-def _entry_from_row(row: tuple[object, ...]) -> CacheEntry | None:
+def _entry_from_row(row: tuple[Any, ...]) -> CacheEntry | None:
     domain, txt_id, text, dialect, fetched_at, expires_at, failed_id, failed_at, _used = row
     try:
         policy = parse_policy(str(text), dialect=str(dialect))
@@ -196,10 +196,10 @@ def _entry_from_row(row: tuple[object, ...]) -> CacheEntry | None:
             domain=str(domain).lower(),
             txt_id=str(txt_id),
             policy=policy,
-            fetched_at=float(fetched_at),  # type: ignore[arg-type]
-            expires_at=float(expires_at),  # type: ignore[arg-type]
+            fetched_at=float(fetched_at),
+            expires_at=float(expires_at),
             failed_id=None if failed_id is None else str(failed_id),
-            failed_at=None if failed_at is None else float(failed_at),  # type: ignore[arg-type]
+            failed_at=None if failed_at is None else float(failed_at),
         )
     except (StsPolicyError, TypeError, ValueError) as exc:
         log.warning("policy cache: ignoring unreadable entry for %r: %s", domain, exc)

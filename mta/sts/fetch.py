@@ -17,14 +17,13 @@ host names resolved by our own DNS resolver, never the system's.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 
 import aiohttp
-import certifi
 
 from mta.errors import DnsError, StsFetchError, StsPolicyError
 from mta.net.dns import AiohttpResolver, Resolver, to_ascii
+from mta.net.tls import verifying_context  # chain, validity, DNS-ID only (STS-27/28), TLS 1.2+
 from mta.sts.draft03 import parse_draft_policy
 from mta.sts.policy import POLICY_HOST_LABEL, Policy, parse_policy
 
@@ -35,22 +34,6 @@ FETCH_ERROR = "sts-policy-fetch-error"
 _PATHS = {"rfc8461": "/.well-known/mta-sts.txt", "draft03": "/.well-known/mta-sts.json"}
 # STS-33: text/plain only; the draft served JSON (SEED-S3), so its dialect also accepts that.
 _MEDIA_TYPES = {"rfc8461": ("text/plain",), "draft03": ("text/plain", "application/json")}
-
-
-def verifying_context(ca_file: str | None) -> ssl.SSLContext:
-    """A client context that checks chain, validity and DNS-ID only (STS-27/28), TLS 1.2+ (STS-80)."""
-    ctx = ssl.create_default_context(cafile=ca_file or certifi.where())
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.hostname_checks_common_name = False  # STS-28: never fall back to the subject CN
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-@functools.lru_cache(maxsize=8)
-def _context(ca_file: str | None) -> ssl.SSLContext:
-    # Loading a CA bundle costs milliseconds; contexts are safe to share between connections.
-    return verifying_context(ca_file)
 
 
 def policy_url(domain: str, https_port: int, dialect: str = "rfc8461") -> str:
@@ -64,7 +47,7 @@ def new_session(resolver: Resolver, ca_file: str | None, connect_timeout: float 
     """A client session fit for policy fetches (STS-32, STS-38); may be shared across fetches."""
     connector = aiohttp.TCPConnector(
         resolver=AiohttpResolver(resolver),
-        ssl=_context(ca_file),
+        ssl=verifying_context(ca_file),
         use_dns_cache=False,  # our resolver decides about caching, not aiohttp
         force_close=True,  # one request per connection: nothing stale is ever reused
     )
@@ -96,7 +79,7 @@ async def fetch_policy(
         raise ValueError(f"unknown dialect {dialect!r}")
     try:
         url = policy_url(domain, https_port, dialect)
-    except (UnicodeError, ValueError) as exc:
+    except (DnsError, UnicodeError, ValueError) as exc:
         raise StsFetchError(f"invalid policy domain {domain!r}: {exc}", FETCH_ERROR) from exc
     own = session is None
     if session is None:
@@ -125,7 +108,7 @@ async def _get(
         async with session.get(
             url,
             allow_redirects=False,  # STS-31: a 3xx is a failure, its Location is never requested
-            ssl=_context(ca_file),
+            ssl=verifying_context(ca_file),
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout),
             # STS-32: no conditional or cache headers are ever sent; ask for the plain body.
             headers={"Accept-Encoding": "identity", "Cache-Control": "no-cache"},

@@ -99,7 +99,7 @@ class StsService:
             return PolicyResult(domain, None, None, "none", "address-literal")  # STS-4: no lookup
         try:
             name = _normalise(domain)
-        except (UnicodeError, ValueError) as exc:
+        except (DnsError, UnicodeError, ValueError) as exc:
             return PolicyResult(domain, None, None, "none", f"invalid-domain: {exc}")
         if name in self.overrides:
             policy = self.overrides[name]

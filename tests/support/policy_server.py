@@ -285,7 +285,7 @@ class PolicyServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self._writers.add(writer)
         try:
             await self._serve_one(reader, writer)
@@ -293,7 +293,7 @@ class PolicyServer:
             pass  # the client gave up (e.g. after the size cap): expected in these tests
         finally:
             self._writers.discard(writer)
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             writer.transport.abort()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
