@@ -57,7 +57,27 @@ def machine() -> dict[str, str]:
         pass
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "nproc": str(os.cpu_count()), "cpu": model,
             "python": platform.python_version(), "kernel": platform.release(),
-            "postfix": postfix.version()}
+            "postfix": postfix.version(), "load": loadavg()}
+
+
+def loadavg() -> str:
+    """1/5/15-minute load averages: other work on the machine skews every figure."""
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def raw_runs(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """Every run's own figures, for the record (the table shows medians)."""
+    keys = [k for k, _, _ in METRICS]
+    lines = ["| case | relay | run | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
+    for case, by_kind in results.items():
+        for kind, runs in by_kind.items():
+            for i, r in enumerate(runs):
+                cells = ["FAILED"] * len(keys) if "error" in r else [f"{r[k]:.1f}" for k in keys]
+                lines.append(f"| {case} | {kind} | {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def fmt(fmt_: str, value: float | None) -> str:
@@ -114,6 +134,8 @@ def write_results(path: Path, args: argparse.Namespace, info: dict[str, str], bo
         f"- date: {info['date']}",
         f"- machine: nproc {info['nproc']}, CPU {info['cpu']}, kernel {info['kernel']}",
         f"- python {info['python']}, Postfix {info['postfix']}",
+        f"- load average (1/5/15 min) at start: {info['load']}, at end: {loadavg()} "
+        "(other processes on the machine share its cores)",
         f"- load: smtp-source, {args.sessions} sessions (one of them the latency probe), "
         f"{args.size}-byte messages, N = {args.n}, runs = {args.runs}"
         + (" (--quick)" if args.quick else ""),
@@ -121,7 +143,7 @@ def write_results(path: Path, args: argparse.Namespace, info: dict[str, str], bo
         "Ratios are mta/Postfix, taken per run, median over runs: above 1 means mta has more of it "
         "(good for rates, bad for latency, memory and CPU). See bench/README.md for the method.", "",
     ]
-    path.write_text("\n".join(header) + body + "\n")
+    path.write_text("\n".join(header) + "\n" + body + "\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -212,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.insert(0, stopped_early)
     text = body + ("\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
     print("\n" + text)
-    write_results(Path(args.results), args, info, text)
+    write_results(Path(args.results), args, info, text + "\n\n## Every run\n\n" + raw_runs(results))
     print(f"\nrelay_bench: wrote {args.results}")
     failed = any("error" in r for by in results.values() for runs in by.values() for r in runs)
     return 1 if failed else 0
