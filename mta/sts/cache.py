@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mta.db import open_wal
 from mta.errors import MtaError, StsPolicyError
 from mta.sts.decide import CacheEntry
 from mta.sts.policy import parse_policy, policy_to_text
@@ -130,16 +131,8 @@ class PolicyCache:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), timeout=10.0, check_same_thread=False, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")  # readers (the CLI) never block the relay
-                conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
-                conn.execute(_SCHEMA)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            # WAL: readers (the CLI) never block the relay; WAL + NORMAL is durable across a process crash.
+            self._conn = open_wal(self.path, schema=_SCHEMA, synchronous="NORMAL")
         return self._conn
 
     async def _load(self) -> None:

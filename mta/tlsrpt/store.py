@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mta.db import open_wal
 from mta.errors import DnsError
 from mta.net.dns import to_ascii
 from mta.sts.policy import Policy
@@ -257,34 +258,10 @@ class ResultStore:
     def _db(self) -> sqlite3.Connection:
         """The connection (caller holds _db_lock); opened, migrated and switched to WAL on first use."""
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                self._setup(conn)
-            except sqlite3.Error:
-                conn.close()
-                raise
-            self._conn = conn
+            # WAL: readers (the CLI) never block the server's writers and vice versa.
+            self._conn = open_wal(self.path, schema=_SCHEMA + f"\nPRAGMA user_version = {SCHEMA_VERSION};",
+                                  timeout=self.busy_timeout)
         return self._conn
-
-    def _setup(self, conn: sqlite3.Connection) -> None:
-        """WAL mode and schema. Switching the journal mode can fail with "locked" at once (SQLite
-        does not wait on busy_timeout there) while another process opens the same file, so retry."""
-        deadline = time.monotonic() + self.busy_timeout
-        while True:
-            try:
-                # WAL: readers (the CLI) never block the server's writers and vice versa.
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
-                conn.executescript(_SCHEMA)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
