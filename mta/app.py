@@ -75,7 +75,7 @@ class Relay:
         self.stop_event = asyncio.Event()
         self.resolver = build_resolver(cfg)
         self.sts = build_sts(cfg, self.resolver)
-        self.pool = ConnectionPool(cfg.delivery.connection_reuse_time)
+        self.pool = ConnectionPool(cfg.delivery.connection_reuse_time, max_per_key=cfg.delivery.per_domain_concurrency)
         relay_auth = None
         if cfg.delivery.relayhost_username:
             secret = Path(cfg.delivery.relayhost_password_file).read_text().strip()

@@ -224,3 +224,28 @@ def test_second_instance_refuses_same_spool(world: World) -> None:
                          capture_output=True, text=True, timeout=20)
     assert out.returncode == 1
     assert "in use by another mta" in out.stderr
+
+
+def test_smtp_41_null_sender_relayed_as_null(world: World) -> None:
+    mx = world.mx_host("mx.dst.test", "127.0.0.35")
+    world.domain("dst.test", [(10, "mx.dst.test")])
+    relay = world.relay()
+    world.submit(relay, ["bob@dst.test"], sender="")
+    [msg] = mx.wait_for_messages_blocking(1, timeout=10)
+    assert msg.mail_from == "<>"
+
+
+def test_smtp_38_failed_dsn_gets_no_dsn(world: World) -> None:
+    """The sender's MX refuses the bounce: the DSN bounces too, and nothing more is generated (DSN-12)."""
+    world.sender_mx.rcpt_replies = {"alice@src.test": USER_UNKNOWN}
+    world.mx_host("mx.dst.test", "127.0.0.36", rcpt_replies={"gone@dst.test": USER_UNKNOWN})
+    world.domain("dst.test", [(10, "mx.dst.test")])
+    relay = world.relay()
+    qid = world.submit(relay, ["gone@dst.test"])
+    relay.wait_event("bounced", queue_id=qid)
+    [dsn_bounce] = relay.wait_event("bounced", recipient="alice@src.test")
+    time.sleep(1.0)
+    assert len(relay.events("accepted")) == 2  # the message and its one DSN, no DSN of the DSN
+    assert len(relay.events("bounced")) == 2
+    assert dsn_bounce["status"] == "5.1.1"
+    assert queue(relay) == []
