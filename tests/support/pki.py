@@ -56,19 +56,23 @@ class TestPki:
     def leaf(self, *names: str, untrusted: bool = False, expired: bool = False) -> Leaf:
         """A leaf with SAN dNSNames `names` (wildcards allowed), optionally expired or untrusted."""
         ca = self.untrusted_ca if untrusted else self.ca
-        kwargs: dict[str, datetime.datetime] = {}
         if expired:
             now = datetime.datetime.now(datetime.UTC)
-            kwargs = {"not_before": now - datetime.timedelta(days=30), "not_after": now - datetime.timedelta(days=1)}
-        return self._write(ca.issue_cert(*names, **kwargs))
+            return self._write(ca.issue_cert(*names, not_before=now - datetime.timedelta(days=30),
+                                             not_after=now - datetime.timedelta(days=1)))
+        return self._write(ca.issue_cert(*names))
 
     def cn_only_leaf(self, common_name: str) -> Leaf:
         """A leaf with the name only in the subject CN and no SAN at all (STS-78, ID-6)."""
+        return self.custom_leaf(common_name, [])
+
+    def custom_leaf(self, common_name: str, sans: list[str]) -> Leaf:
+        """A leaf from the trusted CA with a free-form CN and SAN dNSNames (none: no SAN extension)."""
         key = ec.generate_private_key(ec.SECP256R1())
         ca_key = serialization.load_pem_private_key(self.ca.private_key_pem.bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(self.ca.cert_pem.bytes())
         now = datetime.datetime.now(datetime.UTC)
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(ca_cert.subject)
@@ -77,8 +81,11 @@ class TestPki:
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
         )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]),
+                                            critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
         self._count += 1
         cert_path = self.folder / f"leaf{self._count}.pem"
         key_path = self.folder / f"leaf{self._count}.key"

@@ -24,18 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import ssl
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from pathlib import Path
 from types import TracebackType
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.support.pki import Leaf, TestPki
 
@@ -91,33 +84,6 @@ class Behaviour:
 class _Host:
     context: ssl.SSLContext
     paths: dict[str, Behaviour] = field(default_factory=dict)
-
-
-def _custom_leaf(pki: TestPki, stem: str, common_name: str, sans: list[str]) -> Leaf:
-    """A leaf from the trusted test CA with a free-form CN and SAN dNSNames (no IDNA checks)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    ca_key = serialization.load_pem_private_key(pki.ca.private_key_pem.bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert_pem.bytes())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    cert_path = Path(pki.folder) / f"{stem}.pem"
-    key_path = Path(pki.folder) / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return Leaf(cert_path, key_path)
 
 
 class PolicyServer:
@@ -204,14 +170,12 @@ class PolicyServer:
             return self.pki.cn_only_leaf(name)
         if kind == "wildcard":
             return self.pki.leaf(f"*.{parent}")
-        self._extra += 1
-        stem = f"policy-{kind}-{self._extra}"
         if kind == "partial-wildcard":
             # STS-28/ID-4: "mta-*.example.com" (trustme refuses to mint it, so build it by hand)
-            return _custom_leaf(self.pki, stem, name, [f"{name.split('-', 1)[0]}-*.{parent}"])
+            return self.pki.custom_leaf(name, [f"{name.split('-', 1)[0]}-*.{parent}"])
         if kind == "cn-mismatch":
             # STS-28: the name only in the subject CN, a different name in the SAN.
-            return _custom_leaf(self.pki, stem, name, [f"other.{parent}"])
+            return self.pki.custom_leaf(name, [f"other.{parent}"])
         raise ValueError(f"unknown certificate kind {kind!r}; one of {CERT_KINDS}")
 
     def _on_sni(self, ssl_obj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
