@@ -94,7 +94,6 @@ class PolicyServer:
         self.address = address
         self._port = port
         self._hosts: dict[str, _Host] = {}
-        self._extra = 0
         self.requests: list[Request] = []
         #: Every SNI name offered in a ClientHello (None when the client sent none), in order,
         #: including handshakes the client later aborted because it rejected the certificate.
