@@ -18,71 +18,41 @@ from typing import Any
 import pytest
 
 from mta import config
-from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.handler import SubmissionHandler
 from mta.submission.listener import Listeners
 from tests.support.pki import TestPki
+from tests.support.submission import RawClient, Server, start_server
 
 MSG = b"From: a@src.test\r\nTo: b@dst.test\r\nSubject: hi\r\n\r\nhello\r\n"
 MB = 1_000_000
 
 
-class Server:
-    def __init__(self, store: SpoolStore, listeners: Listeners, accepted: list[MessageMeta]) -> None:
-        self.store, self.listeners, self.accepted = store, listeners, accepted
-        self.host, self.port = listeners.addresses()[0]
-
-
 @pytest.fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Listeners] = []
+    started: list[Server] = []
 
     async def make(**sub: Any) -> Server:
-        settings = {"listen": ["127.0.0.1:0"], **sub}
-        cfg = config.from_dict({"submission": settings}, base=tmp_path)
-        store = SpoolStore(tmp_path / f"q{len(started)}")
-        store.prepare()
-        accepted: list[MessageMeta] = []
-        handler = SubmissionHandler(cfg.submission, "relay.test", store, accepted.append)
-        listeners = Listeners(cfg.submission, "relay.test", handler)
-        await listeners.start()
-        started.append(listeners)
-        return Server(store, listeners, accepted)
+        srv = await start_server(tmp_path / f"q{len(started)}", tmp_path, **{"listen": ["127.0.0.1:0"], **sub})
+        started.append(srv)
+        return srv
 
     yield make
-    for listeners in started:
-        await listeners.stop()
+    for srv in started:
+        await srv.listeners.stop()
 
 
-class Raw:
-    """A byte-level SMTP client: we need to send what no well-behaved library would."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+class Raw(RawClient):
+    """RawClient plus the envelope every hostile-DATA test starts with."""
 
     @classmethod
     async def open(cls, host: str, port: int, greet: bool = True) -> Raw:
-        raw = cls(*await asyncio.open_connection(host, port))
-        if greet:
-            assert (await raw.reply()).startswith(b"220")
+        raw = await cls.connect(host, port, greet=greet)
+        assert isinstance(raw, Raw)
         return raw
 
-    async def reply(self, timeout: float = 5) -> bytes:
-        """One complete (possibly multi-line) reply; b"" when the server closed."""
-        lines = []
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), timeout)
-            if not line:
-                return b"".join(lines)
-            lines.append(line)
-            if line[3:4] != b"-":
-                return b"".join(lines)
-
     async def cmd(self, line: bytes, timeout: float = 5) -> bytes:
-        self.writer.write(line)
-        await self.writer.drain()
-        return await self.reply(timeout)
+        return await self.send(line, timeout)
 
     async def envelope(self) -> None:
         assert (await self.cmd(b"EHLO client.test\r\n")).startswith(b"250")
@@ -90,22 +60,6 @@ class Raw:
         assert (await self.cmd(b"RCPT TO:<b@dst.test>\r\n")).startswith(b"250")
         assert (await self.cmd(b"DATA\r\n")).startswith(b"354")
 
-    async def closed_within(self, seconds: float) -> bool:
-        """True when the server closes the connection within `seconds` (bytes read are dropped)."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                chunk = await asyncio.wait_for(self.reader.read(65536), left)
-            except TimeoutError:
-                return False
-            except ConnectionError:
-                return True
-            if not chunk:
-                return True
-        return False
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 async def send_normal_message(srv: Server) -> None:

@@ -26,15 +26,11 @@ from typing import Any
 
 import pytest
 
-from mta import config
 from mta.log import JsonFormatter, TextFormatter
-from mta.spool.state import MessageMeta
-from mta.spool.store import SpoolStore
-from mta.submission.auth import load_users, set_password
-from mta.submission.handler import SubmissionHandler
-from mta.submission.listener import Listeners
+from mta.submission.auth import set_password
 from tests.support.pki import TestPki
 from tests.support.relay import base_config, deep_merge, listen_address, running, write_config
+from tests.support.submission import RawClient, Server, start_server
 
 SERVER_IP, CLIENT_IP = "127.0.0.2", "127.0.0.3"
 USER, PASSWORD = "alice", "s3cr3t-P@ss!"
@@ -45,12 +41,6 @@ def b64(text: str) -> bytes:
     return base64.b64encode(text.encode())
 
 
-class Server:
-    def __init__(self, store: SpoolStore, listeners: Listeners, accepted: list[MessageMeta]) -> None:
-        self.store, self.listeners, self.accepted = store, listeners, accepted
-        self.host, self.port = listeners.addresses()[0]
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> TestPki:
     return TestPki(tmp_path / "pki")
@@ -59,7 +49,7 @@ def pki(tmp_path: Path) -> TestPki:
 @pytest.fixture
 async def make_server(tmp_path: Path, pki: TestPki) -> AsyncIterator[Callable[..., Any]]:
     """A listener with TLS and one user (alice); relay_networks exclude 127.0.0.3 unless told."""
-    started: list[Listeners] = []
+    started: list[Server] = []
     users = tmp_path / "users"
     set_password(str(users), USER, PASSWORD)
     leaf = pki.leaf("relay.test", SERVER_IP)
@@ -68,55 +58,30 @@ async def make_server(tmp_path: Path, pki: TestPki) -> AsyncIterator[Callable[..
         settings = {"listen": [f"{SERVER_IP}:0"], "relay_networks": ["127.0.0.2/32", "10.0.0.0/8"],
                     "users_file": str(users), "tls_cert": str(leaf.cert_path), "tls_key": str(leaf.key_path),
                     "auth_failure_delay": "10ms", **sub}
-        cfg = config.from_dict({"submission": settings}, base=tmp_path)
-        store = SpoolStore(tmp_path / f"q{len(started)}")
-        store.prepare()
-        accepted: list[MessageMeta] = []
-        handler = SubmissionHandler(cfg.submission, "relay.test", store, accepted.append,
-                                    load_users(cfg.submission.users_file))
-        listeners = Listeners(cfg.submission, "relay.test", handler)
-        await listeners.start()
-        started.append(listeners)
-        return Server(store, listeners, accepted)
+        srv = await start_server(tmp_path / f"q{len(started)}", tmp_path, **settings)
+        started.append(srv)
+        return srv
 
     yield make
-    for listeners in started:
-        await listeners.stop()
+    for srv in started:
+        await srv.listeners.stop()
 
 
-class Raw:
-    """Byte-level client bound to a chosen source address, with STARTTLS."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+class Raw(RawClient):
+    """RawClient bound to a chosen source address; `cmd` adds the CRLF."""
 
     @classmethod
     async def open(cls, srv: Server, source: str = CLIENT_IP) -> Raw:
-        raw = cls(*await asyncio.open_connection(srv.host, srv.port, local_addr=(source, 0)))
-        assert (await raw.reply()).startswith(b"220")
+        raw = await cls.connect(srv.host, srv.port, source=source)
+        assert isinstance(raw, Raw)
         return raw
 
-    async def reply(self, timeout: float = 5) -> bytes:
-        lines = []
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), timeout)
-            if not line:
-                return b"".join(lines)
-            lines.append(line)
-            if line[3:4] != b"-":
-                return b"".join(lines)
-
     async def cmd(self, line: bytes, timeout: float = 5) -> bytes:
-        self.writer.write(line + b"\r\n")
-        await self.writer.drain()
-        return await self.reply(timeout)
+        return await self.send(line + b"\r\n", timeout)
 
     async def starttls(self, ctx: ssl.SSLContext) -> None:
         assert (await self.cmd(b"STARTTLS")).startswith(b"220")
         await self.writer.start_tls(ctx, server_hostname="relay.test")
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 # --- the probe table --------------------------------------------------------------------------

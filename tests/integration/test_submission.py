@@ -18,14 +18,9 @@ from mta.submission.auth import set_password
 from mta.submission.handler import SubmissionHandler
 from mta.submission.listener import Listeners
 from tests.support.pki import TestPki
+from tests.support.submission import Server, start_server
 
 MSG = b"From: a@src.test\r\nTo: b@dst.test\r\nSubject: hi\r\n\r\nhello\r\n"
-
-
-class Server:
-    def __init__(self, store: SpoolStore, listeners: Listeners, accepted: list[MessageMeta]) -> None:
-        self.store, self.listeners, self.accepted = store, listeners, accepted
-        self.host, self.port = listeners.addresses()[0]
 
 
 @pytest.fixture
@@ -35,27 +30,17 @@ def pki(tmp_path: Path) -> TestPki:
 
 @pytest.fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Listeners] = []
+    started: list[Server] = []
 
     async def make(host: str = "127.0.0.1", **sub: Any) -> Server:
-        cfg = config.from_dict({"submission": {"listen": [f"{host}:0"], "auth_failure_delay": "200ms", **sub}},
-                               base=tmp_path)
-        store = SpoolStore(tmp_path / "q")
-        store.prepare()
-        accepted: list[MessageMeta] = []
-        users = None
-        if cfg.submission.users_file:
-            from mta.submission.auth import load_users
-            users = load_users(cfg.submission.users_file)
-        handler = SubmissionHandler(cfg.submission, "relay.test", store, accepted.append, users)
-        listeners = Listeners(cfg.submission, "relay.test", handler)
-        await listeners.start()
-        started.append(listeners)
-        return Server(store, listeners, accepted)
+        srv = await start_server(tmp_path / "q", tmp_path,
+                                 **{"listen": [f"{host}:0"], "auth_failure_delay": "200ms", **sub})
+        started.append(srv)
+        return srv
 
     yield make
-    for listeners in started:
-        await listeners.stop()
+    for srv in started:
+        await srv.listeners.stop()
 
 
 async def test_accepts_spools_and_adds_headers(make_server: Callable[..., Any]) -> None:
