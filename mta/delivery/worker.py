@@ -72,10 +72,20 @@ class Worker:
                 reply = SmtpReply(451, f"local error: {type(exc).__name__}: {exc}", "4.3.0")
                 return {r: Outcome(state.TRANSIENT, reply) for r in rcpts}
 
+    def _load(self, qid: str) -> tuple[MessageMeta, bytes]:
+        """Envelope and message in one thread hop (the hot path reads both every time)."""
+        meta = self.store.load_sync(qid)
+        if meta.held or meta.done:
+            return meta, b""
+        try:
+            return meta, self.store.read_data_sync(qid)
+        except OSError as exc:
+            raise SpoolError(f"{qid}: cannot read message data: {exc.strerror or exc}") from None
+
     async def deliver(self, qid: str) -> float | None:
         """Run one attempt for every due recipient of `qid`; returns when it is next due (None: done)."""
         try:
-            meta = await self.store.load(qid)
+            meta, data = await asyncio.to_thread(self._load, qid)
         except SpoolError as exc:
             _log.error("cannot load %s: %s", qid, exc)
             return None
@@ -88,7 +98,6 @@ class Worker:
         due = [r for r in meta.pending if r.next_attempt <= now + 0.001]
         if not due:
             return meta.next_due()
-        data = await self.store.read_data(qid)
         groups: dict[str, list[str]] = defaultdict(list)
         for r in due:
             groups[_domain(r.address)].append(r.address)
