@@ -159,7 +159,8 @@ class PostfixHandle:
 
     def problems(self) -> str:
         """Postfix's own account of undelivered mail: counts and a few log lines."""
-        lines = self.pf.grep_log(("status=deferred", "status=bounced", "warning:", "lost connection"), 5)
+        lines = self.pf.grep_log(("status=deferred", "status=bounced", "lost connection", "timed out"), 4)
+        lines += self.pf.grep_log(("warning:",), 2)
         return f"postfix log: {self.delivered()} sent; " + " | ".join(lines)
 
 

@@ -81,10 +81,14 @@ class SinkProtocol(asyncio.Protocol):
         transport.write(f"220 {self.name} ESMTP bench sink\r\n".encode())
 
     def data_received(self, data: bytes) -> None:
-        if self.upgrading:
-            return  # RFC 3207 §4.2: nothing pipelined after STARTTLS may be acted on
+        # While upgrading, reading is paused on the plaintext side (see STARTTLS below), so what
+        # arrives here is already-decrypted data sent right after the handshake (a TLS 1.3
+        # client's EHLO can come with its Finished, before start_tls() returns to _upgrade):
+        # keep it for when _upgrade is done. Plaintext pipelined after STARTTLS was dropped with
+        # the buffer (RFC 3207 §4.2).
         self.buf += data
-        self._process()
+        if not self.upgrading:
+            self._process()
 
     def _reply(self, text: str) -> None:
         assert self.transport is not None
