@@ -73,6 +73,7 @@ class _Attempt:
     sts_note: str = ""
     errors: list[str] = field(default_factory=list)
     policy_errors: list[str] = field(default_factory=list)
+    mx_mismatch: set[str] = field(default_factory=set)  # testing mode: hosts outside the policy (STS-84)
     any_transient: bool = False
 
     @property
@@ -157,6 +158,8 @@ async def deliver_domain(ctx: AttemptContext, domain: str, rcpts: Sequence[str],
                                 result_type="validation-failure", mx_host=v.host, receiving_ip=None,
                                 reason=v.reason or "sts-mx-mismatch")
             continue
+        if v.reason:
+            att.mx_mismatch.add(v.host)
         hosts.append((v.host, None, v.require_tls))
     tls = TlsMode.MAY
     if ctx.relayhost and ctx.relayhost_tls == "verify":
@@ -205,16 +208,16 @@ def _without_sts(ctx: AttemptContext) -> AttemptContext:
     return replace(ctx, sts=None)
 
 
-async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode) -> tuple[SmtpSession, bool]:
-    key = (host, address, port, mode)
-    session = await ctx.pool.get(key)
+async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode) -> SmtpSession:
+    """A pooled session for this destination and TLS mode, else a new one."""
+    session = await ctx.pool.get((host, address, port, mode))
     if session is not None:
-        return session, True
+        return session
     session = await SmtpSession.open(address=address, port=port, mx_host=host, helo_name=ctx.hostname,
                                      tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts)
     if ctx.relayhost_auth:
         await session.login(*ctx.relayhost_auth)
-    return session, False
+    return session
 
 
 async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode,
@@ -223,7 +226,7 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
     """Outcomes when this address settled the recipients; "next-host" or None to go on."""
     relay = f"{host}[{address}]:{port}"
     try:
-        session, _reused = await _open(ctx, host, address, port, mode)
+        session = await _open(ctx, host, address, port, mode)
     except TlsRequiredError as exc:
         att.policy_errors.append(f"{relay}: {exc.reply.text}")
         ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=False,
@@ -234,18 +237,20 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
         att.any_transient = True
         return None
     verdict = check_tls(att.policy, session.starttls_offered, session.tls)
+    result_type, reason = verdict.result_type, verdict.reason
+    if result_type is None and host in att.mx_mismatch:
+        result_type, reason = "validation-failure", "sts-mx-mismatch"  # testing mode: delivered, but reported
     # One record per session; sessions without a policy are kept only with record_all_sessions.
-    ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy,
-                        success=verdict.result_type is None, result_type=verdict.result_type, mx_host=host,
-                        receiving_ip=address, reason=verdict.reason)
+    ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=result_type is None,
+                        result_type=result_type, mx_host=host, receiving_ip=address, reason=reason)
     if not verdict.ok:
-        await ctx.pool._close(session)
+        await ctx.pool.discard(session)
         att.policy_errors.append(f"{relay}: {verdict.reason}")
         return "next-host"
     try:
         result = await session.send(sender, list(rcpts), data, eight_bit=eight_bit, smtputf8=smtputf8)
     except TransientDeliveryError as exc:
-        await ctx.pool._close(session)
+        await ctx.pool.discard(session)
         att.errors.append(f"{relay}: {exc.reply}")
         att.any_transient = True
         return None

@@ -31,21 +31,21 @@ class ConnectionPool:
         while sessions:
             session = sessions.pop()
             if self.clock() - session.last_used > self.max_idle_time:
-                await self._close(session)
+                await self.discard(session)
                 continue
             if await session.reset():
                 self.reused += 1
                 return session
-            await self._close(session)
+            await self.discard(session)
         return None
 
     async def put(self, key: Key, session: SmtpSession) -> None:
         if self.max_idle_time <= 0:
-            await self._close(session)
+            await self.discard(session)
             return
         sessions = self._idle.setdefault(key, [])
         if len(sessions) >= self.max_per_key:
-            await self._close(session)
+            await self.discard(session)
             return
         sessions.append(session)
 
@@ -56,7 +56,7 @@ class ConnectionPool:
             keep = []
             for s in sessions:
                 if now - s.last_used > self.max_idle_time:
-                    await self._close(s)
+                    await self.discard(s)
                 else:
                     keep.append(s)
             if keep:
@@ -67,10 +67,11 @@ class ConnectionPool:
     async def close_all(self) -> None:
         for sessions in self._idle.values():
             for s in sessions:
-                await self._close(s)
+                await self.discard(s)
         self._idle.clear()
 
     @staticmethod
-    async def _close(session: SmtpSession) -> None:
+    async def discard(session: SmtpSession) -> None:
+        """Close a session that must not be reused (best effort)."""
         with contextlib.suppress(Exception):
             await session.close()

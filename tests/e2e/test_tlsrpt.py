@@ -25,6 +25,8 @@ CASES: dict[str, tuple[str | None, list[str] | None, dict[str, Any], str | None]
     "fetcherr.test": ("valid", None, {"status": 404}, "sts-policy-fetch-error"),
     "invalid.test": ("valid", None, {"body": "version: STSv1\nmode: sometimes\n"}, "sts-policy-invalid"),
     "webpki.test": ("valid", None, {"cert": "untrusted"}, "sts-webpki-invalid"),
+    # testing mode (STS-84): delivered to an MX outside the policy, and reported
+    "testing.test": ("valid", ["mx.elsewhere.test"], {"mode": "testing"}, "validation-failure"),
 }
 
 
@@ -37,7 +39,7 @@ def build(world: World) -> None:
         world.domain(domain, [(10, mx_name)])
         behaviour = dict(behaviour)
         pcert = behaviour.pop("cert", "valid")
-        world.sts(domain, "enforce", patterns or [mx_name], cert=pcert)
+        world.sts(domain, behaviour.pop("mode", "enforce"), patterns or [mx_name], cert=pcert)
         if behaviour:
             world.policy.set(f"mta-sts.{domain}", **behaviour)
         world.zone.add(f"_smtp._tls.{domain}", "TXT", f'"v=TLSRPTv1; rua=mailto:{RUA}"')
@@ -51,7 +53,7 @@ def test_rpt_day_of_mixed_outcomes_reported_once_by_mail(world: World) -> None:
     relay = world.relay(data)
     for domain in CASES:
         world.submit(relay, [f"bob@{domain}"])
-    relay.wait_event("delivered", count=3)  # ok.test and the three discovery failures (delivered without policy)
+    relay.wait_event("delivered", count=5)  # ok, testing, and the three discovery failures (delivered without policy)
     relay.wait_event("deferred", count=5)
     today = datetime.datetime.now(datetime.UTC).date()
     out = run_cli(relay.config, "tlsrpt", "send", "--date", today.isoformat(), "--json", timeout=60)
@@ -79,6 +81,9 @@ def test_rpt_day_of_mixed_outcomes_reported_once_by_mail(world: World) -> None:
         assert rep["date-range"] == {"start-datetime": f"{today}T00:00:00Z", "end-datetime": f"{today}T23:59:59Z"}
         [pol] = rep["policies"]
         assert pol["policy"]["policy-type"] == "sts" and pol["policy"]["policy-domain"] == domain
+        if domain == "testing.test":
+            assert pol["policy"]["policy-string"][1] == "mode: testing"
+            assert [f["failure-reason-code"] for f in pol["failure-details"]] == ["sts-mx-mismatch"]
         summary = pol["summary"]
         if expected is None:
             assert summary == {"total-successful-session-count": 1, "total-failure-session-count": 0}
