@@ -173,6 +173,9 @@ async def serve(cfg: Config) -> int:
     # Spool writes block in fsync; with asyncio's default 6 threads, 20 concurrent submissions would
     # queue for a thread. More threads let the file system batch concurrent fsyncs into one commit.
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="mta-io"))
+    # The spool first: an unusable one is the error the operator must see, before anything (the
+    # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
+    SpoolStore(cfg.queue.path).prepare()
     relay = Relay(cfg)
     await relay.start()
     stop = asyncio.Event()

@@ -17,10 +17,10 @@ from typing import Any
 
 from mta import config as config_mod
 from mta import log
-from mta.errors import MtaError
+from mta.errors import MtaError, SpoolError
 from mta.spool import control
 from mta.spool.state import MessageMeta
-from mta.spool.store import SpoolStore
+from mta.spool.store import SpoolStore, describe_os_error
 
 
 def _iso(ts: float | None) -> str | None:
@@ -93,7 +93,10 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         print(f"mta: no such message {qid}", file=sys.stderr)
         return 1
     if store.is_locked_by_other():
-        control.submit(store, args.op, qid)
+        try:
+            control.submit(store, args.op, qid)
+        except OSError as exc:  # e.g. ENOSPC: the request file does not fit
+            raise SpoolError(f"cannot pass the request to the running server: {describe_os_error(exc)}") from None
         print(f"{args.op}: request passed to the running server")
         return 0
     store.lock()
@@ -187,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         log.configure(cfg.log.format, cfg.log.level)
         return int(args.func(cfg, args))
     except MtaError as exc:
+        print(f"mta: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # A file the configuration names is missing or unusable: one line, not a traceback.
         print(f"mta: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

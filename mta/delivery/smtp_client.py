@@ -19,6 +19,13 @@ else RSET (SMTP-20); the DATA replies apply to every accepted recipient (SMTP-21
 final for all; MAIL 4xx, or the connection lost at MAIL, raises so the next host is tried
 (SMTP-23). A lost connection or a timeout after MAIL leaves every recipient without a final
 answer at 451 4.4.2 (SMTP-22, SMTP-32). Every command has its own timeout (SMTP-31, §4.5.3.2).
+
+A hostile or broken server is contained here: a reply is at most aiosmtplib's 32 KiB (an endless
+multi-line reply fails at once), a refusal must be 4yz/5yz, DATA must get 354 and the end of data
+2yz (RFC 5321 §4.2.1, §4.3.2). Anything else - a code outside the protocol, a malformed or
+over-long reply - is 451 4.5.0 for every recipient still open and the connection is dropped, never
+reused: it can neither count as delivered nor as bounced. Reply text is made one printable line of
+at most REPLY_TEXT_LIMIT characters, since it lands in the state file, the logs and DSNs.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from mta.model import SmtpReply, TlsInfo
 from mta.net.tls import opportunistic_context, reference_name, tls_info, verify_peer, verifying_context
 
 _DATA_CHUNK = 64 * 1024
+REPLY_TEXT_LIMIT = 1000  # characters of remote reply text we keep
 # OpenSSL X509_V_ERR_* codes -> RFC 8460 result types (STS-92).
 _VERIFY_RESULT = {
     9: "certificate-expired", 10: "certificate-expired",  # not yet valid, has expired
@@ -101,7 +109,26 @@ class TransactionResult:
 
 
 def _reply(code: int, message: str) -> SmtpReply:
-    return SmtpReply.parse(code, message)
+    return SmtpReply.parse(code, _one_line(message))
+
+
+def _one_line(message: str) -> str:
+    """Remote reply text as one printable line (multi-line replies joined), capped in length."""
+    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: REPLY_TEXT_LIMIT * 2])
+    return text if len(text) <= REPLY_TEXT_LIMIT else text[: REPLY_TEXT_LIMIT - 3] + "..."
+
+
+def _is_refusal(code: int) -> bool:
+    """A reply code that means "not now" or "never" (RFC 5321 §4.2.1); anything else is a protocol error."""
+    return 400 <= code <= 599
+
+
+def _protocol_error(relay: str, step: str, code: int, message: str) -> SmtpReply:
+    """451 4.5.0 for a reply outside the protocol (odd code, malformed, over-long: aiosmtplib's code -1)."""
+    got = _one_line(message) if code < 0 else f"{code} {_one_line(message)}"
+    return SmtpReply(451, f"{relay}: invalid reply to {step}: {got}"[:REPLY_TEXT_LIMIT], "4.5.0")
 
 
 def _handshake_failure(exc: BaseException) -> tuple[str, str]:
@@ -176,7 +203,9 @@ class SmtpSession:
             if tls_mode is TlsMode.VERIFY:  # STS-92: a 4xx/5xx to STARTTLS counts as "not supported"
                 await _quit(smtp, timeouts)
                 raise TlsRequiredError("starttls-not-supported", f"{relay}: {refused}") from exc
-            if not smtp.is_connected:  # e.g. 421: the server hung up
+            if not smtp.is_connected or not _is_refusal(exc.code):
+                # 421: the server hung up; an invalid reply: the connection's state is unknown.
+                smtp.close()
                 smtp = await _connect(address, port, relay, helo_name, timeouts)
             # Refused is reported like not offered (STS-92), so starttls_offered is False.
             return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=refused), starttls_offered=False)
@@ -198,15 +227,22 @@ class SmtpSession:
         return cls(smtp, relay=relay, timeouts=timeouts, tls=info, starttls_offered=True)
 
     async def login(self, username: str, password: str) -> None:
-        """AUTH to a relay host; any failure is transient so the message stays queued."""
+        """AUTH to a relay host; any failure is transient so the message stays queued.
+
+        On failure the connection is closed: the caller abandons the session.
+        """
         try:
             await self._smtp.login(username, password, timeout=self.timeouts.ehlo)
         except SMTPResponseException as exc:
+            self._broken()
+            if not _is_refusal(exc.code):
+                raise TransientDeliveryError(_protocol_error(self.relay, "AUTH", exc.code, exc.message)) from exc
             raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc
         except _CONNECTION_ERRORS as exc:
             self._broken()
             raise TransientDeliveryError(self._failure(exc, "AUTH")) from exc
         except SMTPException as exc:
+            self._broken()
             raise TransientDeliveryError(SmtpReply(451, f"{self.relay}: {exc}", "4.7.0")) from exc
         self.last_used = time.monotonic()
 
@@ -239,6 +275,9 @@ class SmtpSession:
         try:
             resp = await self._smtp.mail(mail_from, options=options, encoding=encoding, timeout=t.mail)
         except SMTPResponseException as exc:
+            if not _is_refusal(exc.code):
+                self._broken()
+                raise TransientDeliveryError(_protocol_error(self.relay, "MAIL FROM", exc.code, exc.message)) from exc
             reply = _reply(exc.code, exc.message)
             if reply.permanent:  # SMTP-23: 5yz to MAIL is final for every recipient (never cached, SMTP-24)
                 return TransactionResult({r: reply for r in rcpts}, reply)
@@ -257,6 +296,12 @@ class SmtpSession:
             try:
                 resp = await self._smtp.rcpt(rcpt, encoding=encoding, timeout=t.rcpt)
             except SMTPResponseException as exc:
+                if not _is_refusal(exc.code):
+                    # Neither accepted nor refused: this and every other open recipient waits (SMTP-22).
+                    self._broken()
+                    odd = _protocol_error(self.relay, "RCPT TO", exc.code, exc.message)
+                    replies.update({r: odd for r in [*accepted, *rcpts[i:]]})
+                    return TransactionResult(replies, mail_reply)
                 replies[rcpt] = _rcpt_reply(exc.code, exc.message)
                 continue
             except ValueError as exc:
@@ -305,7 +350,7 @@ class SmtpSession:
         t = self.timeouts
         resp = await self._smtp.execute_command(b"DATA", timeout=t.data_init)
         if resp.code != 354:
-            return _reply(resp.code, resp.message)
+            return self._refusal_or_error(resp.code, resp.message, "DATA")
         protocol = self._smtp.protocol
         if protocol is None:
             raise SMTPServerDisconnected("Connection lost")
@@ -317,7 +362,16 @@ class SmtpSession:
                 await asyncio.wait_for(protocol._drain_helper(), t.data_block)
         # No await between the last write and this read, so the reply cannot slip past the reader.
         resp = await protocol.read_response(timeout=t.data_final)
-        return _reply(resp.code, resp.message)
+        if 200 <= resp.code <= 299:
+            return _reply(resp.code, resp.message)
+        return self._refusal_or_error(resp.code, resp.message, "the end of data")
+
+    def _refusal_or_error(self, code: int, message: str, step: str) -> SmtpReply:
+        """A 4yz/5yz reply as given; anything else is a protocol error that ends the connection."""
+        if _is_refusal(code):
+            return _reply(code, message)
+        self._broken()
+        return _protocol_error(self.relay, step, code, message)
 
     # --- reuse and closing -------------------------------------------------------------------------
     async def reset(self) -> bool:
@@ -352,6 +406,8 @@ class SmtpSession:
     def _failure(self, exc: BaseException, step: str) -> SmtpReply:
         if isinstance(exc, TimeoutError):
             return SmtpReply(451, f"timeout at {step} with {self.relay}", "4.4.2")
+        if isinstance(exc, SMTPResponseException) and not _is_refusal(exc.code):
+            return _protocol_error(self.relay, step, exc.code, exc.message)
         return SmtpReply(451, f"connection to {self.relay} lost at {step}: {exc}", "4.4.2")
 
 
@@ -396,6 +452,9 @@ async def _connect(address: str, port: int, relay: str, helo_name: str, timeouts
     try:
         await smtp.connect(timeout=timeouts.greeting)
     except SMTPConnectResponseError as exc:
+        smtp.close()
+        if not _is_refusal(exc.code):
+            raise TransientDeliveryError(_protocol_error(relay, "the greeting", exc.code, exc.message)) from exc
         # SMTP-23: 4yz greeting, and (decision) 5yz greeting too, only rule out this host.
         raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc
     except SMTPConnectTimeoutError:
@@ -419,6 +478,8 @@ async def _ehlo(smtp: aiosmtplib.SMTP, helo_name: str, relay: str, timeouts: Tim
             await smtp.helo(hostname=helo_name, timeout=timeouts.ehlo)
     except SMTPResponseException as exc:
         smtp.close()
+        if not _is_refusal(exc.code):
+            raise TransientDeliveryError(_protocol_error(relay, "EHLO", exc.code, exc.message)) from exc
         raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc  # SMTP-23: next host
     except asyncio.CancelledError:
         smtp.close()

@@ -13,6 +13,11 @@ and TXT: "nothing there") and nothing else is decided: ordering MX hosts is `mta
 - Names are converted to A-labels (IDNA 2008 with UTS 46 mapping) before any query (STS-5).
 - A small positive cache honours the answer TTL up to MAX_POSITIVE_TTL; authoritative negatives are
   kept at most MAX_NEGATIVE_TTL; temporary failures are never cached.
+- Answers a remote zone controls are bounded in what they can make an attempt do: at most
+  MAX_MX_HOSTS MX hosts (the most preferred; ties cut in name order) and MAX_ADDRESSES addresses
+  per family and host are returned, so a zone with hundreds of MX records or addresses cannot
+  make one attempt dial or look up hundreds of hosts (cf. Exim's hosts_max_try, Postfix's
+  smtp_mx_address_limit). CNAME loops and over-long chains are temporary failures.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ __all__ = ["AiohttpResolver", "MxAnswer", "Resolver", "to_ascii"]
 MAX_POSITIVE_TTL = 300.0  # seconds; a long TTL must not pin a stale MX or TXT for hours
 MAX_NEGATIVE_TTL = 5.0  # seconds; a newly published record is seen almost at once
 MAX_CACHE_ENTRIES = 4096
+MAX_MX_HOSTS = 10  # MX hosts one lookup yields (hostile-zone bound; see the module docstring)
+MAX_ADDRESSES = 8  # addresses per family (A, AAAA) one host yields
 
 _OK, _NXDOMAIN, _NODATA = "ok", "nxdomain", "nodata"
 
@@ -115,6 +122,7 @@ class Resolver:
         - NODATA -> kind "implicit", ((0, domain),) when the domain has an A or AAAA record
           (SMTP-4); otherwise DnsPermanentError "no MX and no address" (SMTP-6).
         - A CNAME at the domain is followed by dnspython (SMTP-1); the records are the target's.
+        - At most MAX_MX_HOSTS real exchanges, the most preferred, are returned.
         """
         name = to_ascii(domain)
         found = await self._lookup(name, "MX")
@@ -128,7 +136,7 @@ class Resolver:
         real = tuple(r for r in records if r[1] != ".")
         if not real:
             return MxAnswer(NULL, tuple(records))
-        return MxAnswer(MX, real)
+        return MxAnswer(MX, real[:MAX_MX_HOSTS])
 
     async def addresses(self, host: str, ipv6: bool = True) -> list[str]:
         """IP addresses of `host`: AAAA first (when `ipv6`), then A, each in the order DNS gave (SMTP-11).
@@ -137,6 +145,7 @@ class Resolver:
         IPv6 addresses are tried first (RFC 6724 default preference). An authoritative negative
         (NXDOMAIN, NODATA) gives no addresses. A temporary failure of one family does not hide the
         other family's addresses; it raises DnsTemporaryError only when no address was found.
+        At most MAX_ADDRESSES of each family are returned.
         A host that is already an IP address is returned as is (a configured smart host).
         """
         try:
@@ -156,7 +165,7 @@ class Resolver:
             elif isinstance(result, BaseException):
                 raise result
             else:
-                found.extend(str(rd.address) for rd in result.rdatas)  # type: ignore[attr-defined]
+                found.extend(str(rd.address) for rd in result.rdatas[:MAX_ADDRESSES])  # type: ignore[attr-defined]
         if not found and failure is not None:
             raise failure
         return found

@@ -16,6 +16,11 @@ Failure model (what a crash at any moment leaves, cf. maddy's queue):
 - `update`: the new meta is written to tmp/, fsync'ed and renamed over the old one, so a reader
   sees the old or the new state, never a torn file.
 - `remove`: the meta goes first (it is the commit point), then the data.
+- A full disk (ENOSPC) makes `put` and `update` raise SpoolError("spool disk is full") and leaves
+  no debris: a refused `put` stores nothing, a failed `update` leaves the previous state file.
+  Submissions (`put(..., reserve=SUBMISSION_RESERVE)`) are refused while less than the reserve
+  would remain, so state updates and DSNs of mail already accepted still fit when clients are
+  what fills the disk (cf. Postfix's queue_minfree).
 
 All blocking calls run in worker threads (asyncio.to_thread) so the event loop never waits on
 the disk. Directory fsyncs of concurrent writers are coalesced (group commit): one fsync covers
@@ -40,6 +45,11 @@ from mta.errors import CorruptEntry, SpoolError
 from mta.spool.state import MessageMeta, Recipient
 
 log = logging.getLogger("mta.spool")
+
+# Bytes a submission must leave free: room for a few hundred state rewrites and DSNs.
+SUBMISSION_RESERVE = 1 << 20
+# What one message costs besides its data: the meta file, rounded up to common block sizes.
+_META_ALLOWANCE = 8192
 
 
 def new_id(now: float) -> str:
@@ -115,7 +125,7 @@ class SpoolStore:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise SpoolError(f"spool {self.root} is not writable: {exc.strerror or exc}") from None
+            raise SpoolError(f"spool {self.root} is not writable: {_unusable(exc)}") from None
 
     def lock(self) -> None:
         """Take the spool lock; a second `mta serve` on the same spool refuses to start."""
@@ -171,9 +181,21 @@ class SpoolStore:
         finally:
             os.close(fd)
 
-    def _put_sync(self, meta: MessageMeta, data: bytes) -> None:
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the spool's file system."""
+        st = os.statvfs(self.tmp)
+        return st.f_bavail * st.f_frsize
+
+    def _put_sync(self, meta: MessageMeta, data: bytes, reserve: int = 0) -> None:
         tmp_data = self.tmp / f"{meta.id}.eml"
         tmp_meta = self.tmp / f"{meta.id}.json"
+        if reserve:
+            try:
+                left = self.free_bytes() - len(data) - _META_ALLOWANCE
+            except OSError as exc:
+                raise SpoolError(describe_os_error(exc)) from None
+            if left < reserve:
+                raise SpoolError("spool disk is full")
         try:
             self._write_synced(tmp_data, data)
             self._write_synced(tmp_meta, json.dumps(meta.to_json()).encode())
@@ -183,16 +205,19 @@ class SpoolStore:
             for p in (tmp_data, tmp_meta, self.data_path(meta.id), self.meta_path(meta.id)):
                 with contextlib.suppress(OSError):
                     p.unlink()
-            raise SpoolError(_describe(exc)) from None
+            raise SpoolError(describe_os_error(exc)) from None
 
-    async def put(self, meta: MessageMeta, data: bytes) -> None:
-        """Store a new message; returns only when it is durable (then the caller may say 250)."""
-        await asyncio.to_thread(self._put_sync, meta, data)
+    async def put(self, meta: MessageMeta, data: bytes, *, reserve: int = 0) -> None:
+        """Store a new message; returns only when it is durable (then the caller may say 250).
+
+        `reserve`: refuse (SpoolError "spool disk is full") unless that many bytes would stay free.
+        """
+        await asyncio.to_thread(self._put_sync, meta, data, reserve)
         try:
             await self._dirsync.sync()
         except OSError as exc:
             await asyncio.to_thread(self._discard, meta.id)
-            raise SpoolError(_describe(exc)) from None
+            raise SpoolError(describe_os_error(exc)) from None
 
     def _update_sync(self, meta: MessageMeta) -> None:
         tmp_meta = self.tmp / f"{meta.id}.json.new"
@@ -202,7 +227,7 @@ class SpoolStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp_meta.unlink()
-            raise SpoolError(_describe(exc)) from None
+            raise SpoolError(describe_os_error(exc)) from None
 
     async def update(self, meta: MessageMeta) -> None:
         """Replace a message's state atomically (old or new, never torn)."""
@@ -243,7 +268,14 @@ class SpoolStore:
 
     def ids(self) -> list[str]:
         """Ids of every committed message (a meta file exists)."""
-        return sorted(p.name[:-5] for p in os.scandir(self.msg) if p.name.endswith(".json"))  # type: ignore[misc]
+        try:
+            return sorted(p.name[:-5] for p in os.scandir(self.msg) if p.name.endswith(".json"))
+        except FileNotFoundError:
+            if self.root.is_dir():
+                return []  # a spool nothing was ever written to
+            raise SpoolError(f"spool {self.root} does not exist") from None
+        except OSError as exc:
+            raise SpoolError(f"spool {self.root} is not readable: {_unusable(exc)}") from None
 
     def recover(self) -> Iterator[MessageMeta]:
         """Start-up scan: clean debris, quarantine corrupt metas, yield every message to resume."""
@@ -275,7 +307,21 @@ class SpoolStore:
                 continue
 
 
-def _describe(exc: OSError) -> str:
+def _unusable(exc: OSError) -> str:
+    """Why a spool folder cannot be used, in words an operator acts on."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return "not a directory (a file is in the way)"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk is full"
+    return str(exc.strerror or exc)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A spool write failure in words ("spool disk is full" decides 452 over 451 at submission)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "spool disk is full"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

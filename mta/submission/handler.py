@@ -4,7 +4,9 @@ Rules:
 - Never an open relay: a client may relay only from `relay_networks` or after AUTH; everyone
   else gets 554 5.7.1 at RCPT, whatever tricks the address holds (we have no local domains, so
   the decision never depends on the address).
-- 250 after DATA only once the spool has fsync'ed the message (store.put returns then).
+- 250 after DATA only once the spool has fsync'ed the message (store.put returns then). A spool
+  that cannot take it answers 452 4.3.1 when the disk is full (or would keep less than
+  SUBMISSION_RESERVE free), 451 4.3.0 for any other write failure: temporary, the client retries.
 - As a submission server (RFC 6409 §8) we add Message-ID and Date when missing and always
   prepend a Received: field (SMTP-43); bare CR / LF line ends become CRLF (SMTP-26 decision),
   so no `\\n.\\n` can ever be read as an end of data further down the line.
@@ -29,7 +31,7 @@ from mta import log
 from mta.config import SubmissionConfig
 from mta.errors import SpoolError
 from mta.spool.state import MessageMeta
-from mta.spool.store import SpoolStore, make_meta
+from mta.spool.store import SUBMISSION_RESERVE, SpoolStore, make_meta
 
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.M)
@@ -215,7 +217,8 @@ class SubmissionHandler:
             smtputf8="SMTPUTF8" in options,
         )
         try:
-            await self.store.put(meta, data)
+            # The reserve keeps room for the state and DSNs of mail already accepted (README "Spool").
+            await self.store.put(meta, data, reserve=SUBMISSION_RESERVE)
         except SpoolError as exc:
             log.event("refused", sender=meta.sender, client=peer, reason=str(exc))
             if "full" in str(exc):
