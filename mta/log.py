@@ -69,7 +69,10 @@ class JsonFormatter(logging.Formatter):
         out: dict[str, Any] = {"time": round(record.created, 3)}
         if ev is None:
             out.update({key: None for key in _FIXED})
-            out.update(event="log", level=record.levelname.lower(), message=record.getMessage())
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + self.formatException(record.exc_info)
+            out.update(event="log", level=record.levelname.lower(), message=message)
         else:
             out.update({key: None for key in _FIXED})
             out.update(ev)

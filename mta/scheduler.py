@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from mta import log
+from mta.errors import SpoolError
 from mta.spool import control
 from mta.spool.store import SpoolStore
 
@@ -94,12 +95,19 @@ class Scheduler:
                 except Exception:
                     continue
                 new = control.apply_to_meta(meta, op, now)
+                try:
+                    if new is None:
+                        self.store._discard(one)
+                    else:
+                        self.store._update_sync(new)
+                except (OSError, SpoolError) as exc:
+                    # A full or broken disk must not stop the scheduler; the operator sees why.
+                    _log.error("queue %s %s failed: %s", op, one, exc)
+                    continue
                 if new is None:
-                    self.store._discard(one)
                     self.forget(one)
                     log.event("deleted", queue_id=one)
                     continue
-                self.store._update_sync(new)
                 due = new.next_due()
                 if new.held:
                     self.forget(one)

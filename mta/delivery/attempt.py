@@ -260,7 +260,8 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
     out: dict[str, Outcome] = {}
     for rcpt in rcpts:
         reply = result.replies.get(rcpt) or SmtpReply(451, "no reply for recipient", "4.4.2")
-        kind = DELIVERED_OUTCOME if reply.code < 300 else PERMANENT if reply.code >= 500 else TRANSIENT
+        # Only a 2yz is a delivery; anything odd is temporary, never "delivered" by accident.
+        kind = DELIVERED_OUTCOME if 200 <= reply.code < 300 else PERMANENT if reply.code >= 500 else TRANSIENT
         out[rcpt] = Outcome(kind, reply, remote_mta=host, relay=relay, tls=tls_label, verified=verified,
                             sts_mode=att.mode, reason=att.sts_note)
     return out

@@ -29,6 +29,7 @@ from mta.spool.store import SpoolStore, make_meta
 from mta.tlsrpt.store import not_recorded
 
 _log = logging.getLogger("mta.delivery")
+NOTICE_RETRY = 60.0  # seconds before queueing an owed DSN is tried again
 
 
 def _domain(address: str) -> str:
@@ -97,6 +98,8 @@ class Worker:
         now = self.clock()
         due = [r for r in meta.pending if r.next_attempt <= now + 0.001]
         if not due:
+            if meta.owed_notices:
+                return await self._finish(meta, {}, data)  # a DSN that could not be queued before
             return meta.next_due()
         groups: dict[str, list[str]] = defaultdict(list)
         for r in due:
@@ -117,7 +120,6 @@ class Worker:
         now = self.clock()
         lifetime = self.cfg.bounce_lifetime if meta.kind == "dsn" else self.cfg.max_queue_lifetime
         rcpts = []
-        newly_bounced: list[state.Recipient] = []
         for r in meta.recipients:
             outcome = outcomes.get(r.address)
             if outcome is None or r.status.final:
@@ -127,17 +129,19 @@ class Worker:
                               lifetime=lifetime, rng=self.rng)
             rcpts.append(new)
             self._log_outcome(meta, new, outcome, now)
-            if new.status is RecipientStatus.BOUNCED:
-                newly_bounced.append(new)
         meta = replace(meta, recipients=tuple(rcpts))
-        if newly_bounced:
-            await self._bounce(meta, newly_bounced, data, now)
+        owed = meta.owed_notices
+        if owed and await self._bounce(meta, owed, data, now):
+            notified = {r.address for r in owed}
+            meta = replace(meta, recipients=tuple(replace(r, notified=True) if r.address in notified else r
+                                                  for r in meta.recipients))
         meta = await self._maybe_warn(meta, data, now)
         if meta.done:
             await self.store.remove(meta.id)
             return None
         await self.store.update(meta)
-        return meta.next_due()
+        # A DSN that could not be queued (disk full) is owed: the message stays and we try again.
+        return now + NOTICE_RETRY if meta.owed_notices else meta.next_due()
 
     def _log_outcome(self, meta: MessageMeta, r: state.Recipient, outcome: Outcome, now: float) -> None:
         name = {RecipientStatus.DELIVERED: "delivered", RecipientStatus.BOUNCED: "bounced"}.get(r.status, "deferred")
@@ -147,35 +151,38 @@ class Worker:
                   status=r.status_code, reason=r.reason or None,
                   reply=str(outcome.reply), attempts=r.attempts)
 
-    async def _queue_notice(self, meta: MessageMeta, failed: list[FailedRecipient], data: bytes, now: float) -> None:
+    async def _queue_notice(self, meta: MessageMeta, failed: list[FailedRecipient], data: bytes, now: float) -> bool:
+        """Queue a DSN; False only when it could not be stored (worth trying again later)."""
         to = bounce_recipient(meta.sender)
         try:
             body = build_dsn(reporting_mta=self.ctx.hostname, original_sender=to, original=data, recipients=failed,
                              arrival=_utc(meta.created), now=_utc(now),
                              message_id=email.utils.make_msgid(domain=self.ctx.hostname))
         except ValueError as exc:
-            # An unusable sender address cannot get a DSN; the failure is in the log either way.
+            # An unusable sender address can never get a DSN; the failure is in the log either way.
             _log.error("no DSN for %s: %s", meta.id, exc)
-            return
+            return True
         dsn = make_meta(sender="", recipients=[to], data=body, now=now, kind="dsn")
         try:
             await self.store.put(dsn, body)
         except SpoolError as exc:
-            _log.error("cannot queue DSN for %s: %s", meta.id, exc)
-            return
+            _log.error("cannot queue DSN for %s (will try again): %s", meta.id, exc)
+            return False
         log.event("accepted", queue_id=dsn.id, **{"from": ""}, nrcpt=1, size=dsn.size,
                   reason=f"DSN for {meta.id}")
         self.on_new_message(dsn)
+        return True
 
-    async def _bounce(self, meta: MessageMeta, bounced: list[state.Recipient], data: bytes, now: float) -> None:
+    async def _bounce(self, meta: MessageMeta, bounced: list[state.Recipient], data: bytes, now: float) -> bool:
+        """One DSN listing every recipient in `bounced` (DSN-11); True once it is queued."""
         # SMTP-40 / DSN-12: never a bounce for a message whose sender is <> (a bounce itself).
         if not should_bounce(meta.sender) or meta.kind != "mail":
-            return
+            return True
         failed = [FailedRecipient(address=r.address, status=r.status_code or "5.0.0",
                                   remote_mta=r.remote_mta, diagnostic=r.last_error or None,
                                   last_attempt=_utc(r.last_attempt or now), reason=r.reason or r.last_error)
                   for r in bounced]
-        await self._queue_notice(meta, failed, data, now)
+        return await self._queue_notice(meta, failed, data, now)
 
     async def _maybe_warn(self, meta: MessageMeta, data: bytes, now: float) -> MessageMeta:
         """Optional delay warning (DSN-13): once per message after `delivery.delay_warning`."""
@@ -191,5 +198,6 @@ class Worker:
                                   last_attempt=_utc(r.last_attempt or now), reason=r.reason or r.last_error,
                                   will_retry_until=until)
                   for r in deferred]
-        await self._queue_notice(meta, failed, data, now)
+        if not await self._queue_notice(meta, failed, data, now):
+            return meta
         return replace(meta, delay_warned=True)

@@ -91,12 +91,20 @@ class MessageMeta:
         return [r for r in self.recipients if not r.status.final]
 
     @property
+    def owed_notices(self) -> list[Recipient]:
+        """Bounced recipients whose DSN is not queued yet (SMTP-39); never for <> or our own notices."""
+        if self.kind != "mail" or not self.sender:
+            return []
+        return [r for r in self.recipients if r.status is BOUNCED and not r.notified]
+
+    @property
     def done(self) -> bool:
-        return not self.pending
+        """Every recipient final and every failure notice queued: the message can go."""
+        return not self.pending and not self.owed_notices
 
     def next_due(self) -> float | None:
-        """Earliest next_attempt of a pending recipient; None when nothing is pending."""
-        times = [r.next_attempt for r in self.pending]
+        """Earliest next_attempt of a pending recipient (0: a notice is owed); None when done."""
+        times = [r.next_attempt for r in self.pending] + ([0.0] if self.owed_notices else [])
         return min(times) if times else None
 
     def to_json(self) -> dict[str, Any]:

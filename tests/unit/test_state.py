@@ -87,3 +87,14 @@ def test_meta_json_round_trip_and_next_due() -> None:
 def test_corrupt_meta_is_a_typed_error(data: object) -> None:
     with pytest.raises(CorruptEntry):
         state.MessageMeta.from_json(data)
+
+
+def test_smtp_39_owed_notice_keeps_message_until_dsn_queued() -> None:
+    bounced = state.Recipient("a@b.test", status=S.BOUNCED)
+    meta = state.MessageMeta(id="X", sender="s@a.test", created=0.0, size=1, recipients=(bounced,))
+    assert meta.owed_notices == [bounced] and not meta.done and meta.next_due() == 0.0
+    from dataclasses import replace
+    told = replace(meta, recipients=(replace(bounced, notified=True),))
+    assert told.owed_notices == [] and told.done and told.next_due() is None
+    # SMTP-40: nothing is owed for a null sender, nor for our own DSNs
+    assert replace(meta, sender="").done and replace(meta, kind="dsn").done
