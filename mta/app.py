@@ -22,6 +22,7 @@ from mta.delivery.attempt import AttemptContext
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.smtp_client import Timeouts
 from mta.delivery.worker import Worker
+from mta.errors import SpoolError
 from mta.net.dns import Resolver
 from mta.scheduler import Scheduler
 from mta.spool.state import MessageMeta
@@ -70,9 +71,9 @@ def build_timeouts(cfg: Config) -> Timeouts:
 class Relay:
     """One running relay: listeners + spool + scheduler + workers."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, store: SpoolStore | None = None) -> None:
         self.cfg = cfg
-        self.store = SpoolStore(cfg.queue.path)
+        self.store = store or SpoolStore(cfg.queue.path)
         self.stop_event = asyncio.Event()
         self.resolver = build_resolver(cfg)
         self.sts = build_sts(cfg, self.resolver)
@@ -95,6 +96,10 @@ class Relay:
         self.handler = SubmissionHandler(cfg.submission, cfg.hostname, self.store, self.on_new_message, users)
         self.listeners = Listeners(cfg.submission, cfg.hostname, self.handler)
         self._background: list[asyncio.Task[None]] = []
+        self.child_pid: int | None = None
+        self.child_task: asyncio.Task[None] | None = None
+        self.child_gone = asyncio.Event()
+        self.failed = False
 
     def _build_recorder(self) -> object:
         from mta.delivery.attempt import NullRecorder
@@ -111,15 +116,21 @@ class Relay:
         if due is not None:
             self.scheduler.schedule(meta.id, due)
 
-    async def start(self) -> None:
-        self.store.lock()
+    async def start(self, child: tuple[int, int] | None = None) -> None:
+        """Resume the queue and start serving; `child` = (pid, pipe) of a submission process."""
+        if self.store._lock_fd is None:
+            self.store.lock()
         started = time.monotonic()
         count = 0
         for meta in await asyncio.to_thread(lambda: list(self._resume())):
             self.scheduler.schedule(*meta)
             count += 1
-        await self.listeners.start()
         loop = asyncio.get_running_loop()
+        if child is None:
+            await self.listeners.start()
+            listen = " ".join(f"{h}:{p}" for h, p in self.listeners.addresses())
+        else:
+            listen = await self._attach(*child)
         self._background.append(loop.create_task(self.scheduler.run(self.stop_event)))
         self._background.append(loop.create_task(self._sweep_pool()))
         if self.sts is not None and hasattr(self.sts, "refresh_loop"):
@@ -131,8 +142,35 @@ class Relay:
             from mta.tlsrpt.sender import daily_loop
 
             self._background.append(loop.create_task(daily_loop(self, self.stop_event)))
-        log.event("started", listen=" ".join(f"{h}:{p}" for h, p in self.listeners.addresses()),
-                  queued=count, resume_seconds=round(time.monotonic() - started, 2))
+        log.event("started", listen=listen, queued=count, resume_seconds=round(time.monotonic() - started, 2),
+                  submission_pid=child[0] if child else None)
+
+    async def _attach(self, pid: int, fd: int) -> str:
+        """Follow the submission child's pipe; returns its listen addresses once it is ready."""
+        from mta.submission.process import read_notifications
+
+        self.child_pid = pid
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_ready(addresses: str) -> None:
+            if not ready.done():
+                ready.set_result(addresses)
+
+        def on_id(qid: str) -> None:
+            self.scheduler.schedule(qid, time.time())
+
+        async def follow() -> None:
+            await read_notifications(fd, on_id, on_ready)
+            if not ready.done():
+                ready.set_exception(SpoolError("the submission process failed to start"))
+            elif not self.stop_event.is_set():
+                # The listener is gone: stop (exit 1) so a supervisor restarts us; the spool is intact.
+                _log.error("submission process exited unexpectedly; stopping")
+                self.failed = True
+                self.child_gone.set()
+
+        self.child_task = asyncio.get_running_loop().create_task(follow())
+        return await ready
 
     def _resume(self) -> list[tuple[str, float]]:
         out = []
@@ -155,6 +193,12 @@ class Relay:
     async def stop(self) -> None:
         log.event("stopping", queued=self.scheduler.queued)
         self.stop_event.set()
+        if self.child_pid is not None:
+            from mta.submission.process import stop_child
+
+            await stop_child(self.child_pid)
+            if self.child_task is not None:
+                await asyncio.gather(self.child_task, return_exceptions=True)
         await self.listeners.stop()
         await self.scheduler.drain(DRAIN_TIMEOUT)
         for task in self._background:
@@ -168,19 +212,24 @@ class Relay:
         self.store.unlock()
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
     # Spool writes block in fsync; with asyncio's default 6 threads, 20 concurrent submissions would
     # queue for a thread. More threads let the file system batch concurrent fsyncs into one commit.
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="mta-io"))
-    # The spool first: an unusable one is the error the operator must see, before anything (the
-    # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
-    SpoolStore(cfg.queue.path).prepare()
-    relay = Relay(cfg)
-    await relay.start()
+    if store is None:
+        # The spool first: an unusable one is the error the operator must see, before anything (the
+        # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
+        SpoolStore(cfg.queue.path).prepare()
+    relay = Relay(cfg, store)
+    await relay.start(child)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(relay.child_gone.wait())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
     await relay.stop()
-    return 0
+    return 1 if relay.failed else 0

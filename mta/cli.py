@@ -111,12 +111,23 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from mta.app import serve
 
+    store: SpoolStore | None = None
+    child: tuple[int, int] | None = None
+    if cfg.submission.separate_process:
+        # Lock and fork before any event loop or thread exists; the child only listens and spools.
+        from mta.submission.process import spawn
+
+        store = SpoolStore(cfg.queue.path)
+        store.prepare()
+        store.lock()
+        assert store._lock_fd is not None
+        child = spawn(cfg, close_fds=(store._lock_fd,))
     try:
         import uvloop  # type: ignore[import-not-found]
 
-        return uvloop.run(serve(cfg))  # type: ignore[no-any-return]
+        return int(uvloop.run(serve(cfg, store, child)))
     except ImportError:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, store, child))
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:

@@ -72,6 +72,7 @@ class SubmissionConfig:
     users_file: str = field(default="", metadata=_meta("path"))
     allow_insecure_auth: bool = False
     auth_failure_delay: float = field(default=2.0, metadata=_meta("duration"))
+    separate_process: bool = True
 
     @property
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -1,0 +1,141 @@
+"""Submission in its own process, so accepting mail and delivering it use both cores.
+
+Rule: the child runs only the listeners and the spool's `put`; everything else (scheduler,
+delivery, MTA-STS, TLS-RPT, operator requests, the spool lock) stays in the parent. After each
+`250` the child writes the queue id as one line on a pipe; the parent schedules it. A message
+whose line is lost (the child died between the fsync and the write) is still in the spool and
+is found by the start-up scan, so nothing acknowledged is lost.
+
+The child dies with the parent (PR_SET_PDEATHSIG, and a getppid() check as a fallback): a
+SIGKILLed `mta serve` never leaves a listener behind that a restarted one would fight with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+
+from mta.config import Config
+from mta.spool.store import SpoolStore
+from mta.submission.auth import load_users
+from mta.submission.handler import SubmissionHandler
+from mta.submission.listener import Listeners
+
+READY = "READY"
+_PR_SET_PDEATHSIG = 1
+
+
+def spawn(cfg: Config, close_fds: tuple[int, ...] = ()) -> tuple[int, int]:
+    """Fork the submission child; returns (pid, read end of its notification pipe)."""
+    read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        code = 1
+        try:
+            os.close(read_fd)
+            for fd in close_fds:
+                os.close(fd)  # e.g. the spool lock: the parent alone holds it
+            _die_with(parent)
+            code = _run(cfg, write_fd, parent)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_fd)
+    return pid, read_fd
+
+
+def _die_with(parent: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _run(cfg: Config, write_fd: int, parent: int) -> int:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        return int(uvloop.run(_child(cfg, write_fd, parent)))
+    except ImportError:
+        return asyncio.run(_child(cfg, write_fd, parent))
+
+
+async def _child(cfg: Config, write_fd: int, parent: int) -> int:
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="mta-io"))
+    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0))
+    users = load_users(cfg.submission.users_file) if cfg.submission.users_file else {}
+    store = SpoolStore(cfg.queue.path)
+    handler = SubmissionHandler(cfg.submission, cfg.hostname, store,
+                                lambda meta: transport.write(f"{meta.id}\n".encode()), users)
+    listeners = Listeners(cfg.submission, cfg.hostname, handler)
+    for attempt in range(50):
+        try:
+            await listeners.start()
+            break
+        except OSError as exc:
+            # A previous child may still be letting go of the port for a moment after a crash.
+            if exc.errno != errno.EADDRINUSE or attempt == 49:
+                print(f"mta: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+            await listeners.stop()
+            await asyncio.sleep(0.1)
+    addresses = " ".join(f"{h}:{p}" for h, p in listeners.addresses())
+    transport.write(f"{READY} {addresses}\n".encode())
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set() and os.getppid() == parent:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+    await listeners.stop()
+    transport.close()
+    return 0
+
+
+async def read_notifications(fd: int, on_id: Callable[[str], None], on_ready: Callable[[str], None]) -> None:
+    """Parent side: call on_id for every accepted queue id until the child closes the pipe."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 16)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    while line := await reader.readline():
+        text = line.decode("ascii", "replace").strip()
+        if text.startswith(READY):
+            on_ready(text[len(READY):].strip())
+        elif text:
+            on_id(text)
+
+
+async def stop_child(pid: int, timeout: float = 10.0) -> int:
+    """SIGTERM the child, wait for it (SIGKILL after `timeout`); returns its exit status."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    return await wait_child(pid, timeout)
+
+
+async def wait_child(pid: int, timeout: float | None = None) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if deadline is not None and loop.time() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = None
+        await asyncio.sleep(0.05)

@@ -1,0 +1,68 @@
+"""The submission child process: dies with the parent, is watched by it, reports bind failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.relay import RelayProcess, base_config, deep_merge, listen_address, write_config
+
+
+def _config(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    data = deep_merge(base_config(tmp_path), {"dns": {"nameservers": ["127.0.0.9"], "port": 5399, "timeout": "200ms"}})
+    return write_config(tmp_path, data), data
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_sigkill_of_parent_takes_the_listener_down(tmp_path: Path) -> None:
+    config, data = _config(tmp_path)
+    relay = RelayProcess(config, data).start()
+    [ev] = relay.wait_event("started")
+    child = ev["submission_pid"]
+    assert isinstance(child, int) and child != relay.proc.pid  # type: ignore[union-attr]
+    relay.kill()
+    host, port = listen_address(data)
+    deadline = time.monotonic() + 5
+    while _listening(host, port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _listening(host, port)
+    # and a restart gets the port back at once
+    again = RelayProcess(config, data).start()
+    assert again.stop() == 0
+
+
+def test_child_death_stops_parent_with_status_1(tmp_path: Path) -> None:
+    config, data = _config(tmp_path)
+    relay = RelayProcess(config, data).start()
+    [ev] = relay.wait_event("started")
+    os.kill(ev["submission_pid"], signal.SIGKILL)
+    assert relay.proc is not None
+    assert relay.proc.wait(timeout=30) == 1
+    assert "submission process exited unexpectedly" in relay.log_text()
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    config, data = _config(tmp_path)
+    host, port = listen_address(data)
+    blocker = socket.socket()
+    blocker.bind((host, port))
+    blocker.listen()
+    try:
+        out = subprocess.run([sys.executable, "-m", "mta", "serve", "--config", str(config)],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        blocker.close()
+    assert out.returncode == 1
+    assert "cannot listen" in out.stderr
