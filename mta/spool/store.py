@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,13 +59,20 @@ def new_id(now: float) -> str:
 
 
 class _GroupSync:
-    """Coalesces fsync() calls on one directory across concurrent writers."""
+    """Coalesces fsync() calls on one directory across concurrent writer threads (group commit).
+
+    Called in the writer's own thread right after its renames: if an fsync is already running it
+    may have started before those renames, so the caller waits for the NEXT one, which one of the
+    waiting threads starts and which covers every rename made before it began.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._cv = threading.Condition()
         self._requested = 0
         self._completed = 0
-        self._running: asyncio.Future[None] | None = None
+        self._running = False
+        self._error: OSError | None = None
 
     def _fsync(self) -> None:
         fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
@@ -73,33 +81,30 @@ class _GroupSync:
         finally:
             os.close(fd)
 
-    def _start(self) -> asyncio.Future[None]:
-        covers = self._requested
-
-        def done(fut: asyncio.Future[None]) -> None:
-            self._running = None
-            if not fut.cancelled() and fut.exception() is None:
+    def sync(self) -> None:
+        """Return once an fsync that started after this call has finished; raise its OSError."""
+        with self._cv:
+            self._requested += 1
+            target = self._requested
+            while self._completed < target:
+                if self._running:
+                    self._cv.wait()
+                    continue
+                self._running = True
+                covers = self._requested
+                error: OSError | None = None
+                self._cv.release()
+                try:
+                    self._fsync()
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cv.acquire()
+                    self._running = False
+                    self._cv.notify_all()
+                if error is not None:
+                    raise error
                 self._completed = max(self._completed, covers)
-
-        fut = asyncio.ensure_future(asyncio.to_thread(self._fsync))
-        fut.add_done_callback(done)
-        self._running = fut
-        return fut
-
-    async def sync(self) -> None:
-        """Return once an fsync that started after this call's rename has finished."""
-        self._requested += 1
-        target = self._requested
-        while self._completed < target:
-            running = self._running
-            if running is not None and running.done():
-                # Finished, but its done-callback (which settles the counters) is still queued:
-                # yield once so it runs; awaiting a done future would not yield and would spin.
-                await asyncio.sleep(0)
-                continue
-            # An fsync in flight may have started before our rename: wait for it, then loop; the
-            # next round starts a fresh fsync that covers us. A failed fsync raises OSError here.
-            await asyncio.shield(running or self._start())
 
 
 class SpoolStore:
@@ -212,11 +217,15 @@ class SpoolStore:
 
         `reserve`: refuse (SpoolError "spool disk is full") unless that many bytes would stay free.
         """
-        await asyncio.to_thread(self._put_sync, meta, data, reserve)
+        await asyncio.to_thread(self._put_durably, meta, data, reserve)
+
+    def _put_durably(self, meta: MessageMeta, data: bytes, reserve: int) -> None:
+        """Write, rename and fsync the folder, all in one worker thread (one hop per message)."""
+        self._put_sync(meta, data, reserve)
         try:
-            await self._dirsync.sync()
+            self._dirsync.sync()
         except OSError as exc:
-            await asyncio.to_thread(self._discard, meta.id)
+            self._discard(meta.id)
             raise SpoolError(describe_os_error(exc)) from None
 
     def _update_sync(self, meta: MessageMeta) -> None:
@@ -231,10 +240,13 @@ class SpoolStore:
 
     async def update(self, meta: MessageMeta) -> None:
         """Replace a message's state atomically (old or new, never torn)."""
-        await asyncio.to_thread(self._update_sync, meta)
+        await asyncio.to_thread(self._update_durably, meta)
+
+    def _update_durably(self, meta: MessageMeta) -> None:
+        self._update_sync(meta)
         with contextlib.suppress(OSError):
             # A lost state change only means a retry of already-final work (at-least-once).
-            await self._dirsync.sync()
+            self._dirsync.sync()
 
     def _discard(self, qid: str) -> None:
         for p in (self.meta_path(qid), self.data_path(qid)):
