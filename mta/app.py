@@ -68,6 +68,20 @@ def build_timeouts(cfg: Config) -> Timeouts:
                     data_block=d.data_timeout, data_final=d.data_timeout)
 
 
+def resume(store: SpoolStore) -> list[tuple[str, float]]:
+    """Start-up recovery (debris removed, corrupt entries quarantined): (id, due) of every message to resume."""
+    out = []
+    for meta in store.recover():
+        due = meta.next_due()
+        if meta.held:
+            continue
+        if due is None:
+            store._discard(meta.id)
+            continue
+        out.append((meta.id, due))
+    return out
+
+
 class Relay:
     """One running relay: listeners + spool + scheduler + workers."""
 
@@ -116,15 +130,19 @@ class Relay:
         if due is not None:
             self.scheduler.schedule(meta.id, due)
 
-    async def start(self, child: tuple[int, int] | None = None) -> None:
-        """Resume the queue and start serving; `child` = (pid, pipe) of a submission process."""
+    async def start(self, child: tuple[int, int] | None = None,
+                    resumed: list[tuple[str, float]] | None = None) -> None:
+        """Resume the queue and start serving; `child` = (pid, pipe) of a submission process, which
+        must only have been started after the spool was recovered (`resumed`): recovery removes
+        half-written files, and would remove the child's if it were already accepting mail."""
         if self.store._lock_fd is None:
             self.store.lock()
         started = time.monotonic()
-        count = 0
-        for meta in await asyncio.to_thread(lambda: list(self._resume())):
-            self.scheduler.schedule(*meta)
-            count += 1
+        if resumed is None:
+            resumed = await asyncio.to_thread(resume, self.store)
+        for qid, due in resumed:
+            self.scheduler.schedule(qid, due)
+        count = len(resumed)
         loop = asyncio.get_running_loop()
         if child is None:
             await self.listeners.start()
@@ -172,18 +190,6 @@ class Relay:
         self.child_task = asyncio.get_running_loop().create_task(follow())
         return await ready
 
-    def _resume(self) -> list[tuple[str, float]]:
-        out = []
-        for meta in self.store.recover():
-            due = meta.next_due()
-            if meta.held:
-                continue
-            if due is None:
-                self.store._discard(meta.id)
-                continue
-            out.append((meta.id, due))
-        return out
-
     async def _sweep_pool(self) -> None:
         while not self.stop_event.is_set():
             with contextlib.suppress(TimeoutError):
@@ -212,7 +218,8 @@ class Relay:
         self.store.unlock()
 
 
-async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None) -> int:
+async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None,
+                resumed: list[tuple[str, float]] | None = None) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
     # Spool writes block in fsync; with asyncio's default 6 threads, 20 concurrent submissions would
@@ -223,7 +230,7 @@ async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, 
         # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
         SpoolStore(cfg.queue.path).prepare()
     relay = Relay(cfg, store)
-    await relay.start(child)
+    await relay.start(child, resumed)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

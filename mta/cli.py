@@ -109,25 +109,29 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from mta.app import serve
+    from mta.app import resume, serve
 
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None
+    resumed: list[tuple[str, float]] | None = None
     if cfg.submission.separate_process:
-        # Lock and fork before any event loop or thread exists; the child only listens and spools.
+        # Lock, recover the spool, THEN fork the listener child (recovery deletes half-written
+        # files, which must never be the child's), all before any event loop or thread exists.
         from mta.submission.process import spawn
 
         store = SpoolStore(cfg.queue.path)
         store.prepare()
         store.lock()
         assert store._lock_fd is not None
+        store.wait_for_writers()
+        resumed = resume(store)
         child = spawn(cfg, close_fds=(store._lock_fd,))
     try:
         import uvloop  # type: ignore[import-not-found]
 
-        return int(uvloop.run(serve(cfg, store, child)))
+        return int(uvloop.run(serve(cfg, store, child, resumed)))
     except ImportError:
-        return asyncio.run(serve(cfg, store, child))
+        return asyncio.run(serve(cfg, store, child, resumed))
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:

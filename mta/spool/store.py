@@ -146,6 +146,32 @@ class SpoolStore:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
+    def hold_writer_lock(self) -> int:
+        """A submission child holds this (shared) for its whole life; see wait_for_writers."""
+        fd = os.open(self.root / "lock.writers", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    def wait_for_writers(self, timeout: float = 10.0) -> None:
+        """Wait until no submission child of an earlier (killed) server is still writing.
+
+        Start-up recovery deletes half-written files; a dying child of a SIGKILLed server could
+        otherwise finish a put concurrently and lose its files to the scan.
+        """
+        fd = os.open(self.root / "lock.writers", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SpoolError(f"spool {self.root}: an old submission process is still running") from None
+                    time.sleep(0.02)
+        finally:
+            os.close(fd)
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -45,6 +45,7 @@ def spawn(cfg: Config, close_fds: tuple[int, ...] = ()) -> tuple[int, int]:
             for fd in close_fds:
                 os.close(fd)  # e.g. the spool lock: the parent alone holds it
             _die_with(parent)
+            SpoolStore(cfg.queue.path).hold_writer_lock()  # released only by our exit
             code = _run(cfg, write_fd, parent)
         except BaseException:
             traceback.print_exc()
