@@ -139,6 +139,8 @@ class TlsRptConfig:
     max_random_delay: float = field(default=4 * 3600.0, metadata=_meta("duration"))
     record_all_sessions: bool = False
     db_path: str = field(default="queue/tlsrpt.db", metadata=_meta("path"))
+    dkim_selector: str = ""
+    dkim_key_file: str = field(default="", metadata=_meta("path"))
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,8 @@ def _validate(cfg: Config) -> None:
         _fail(src, "log.level", f"{cfg.log.level!r} must be debug, info, warning or error")
     if not 0 <= cfg.tlsrpt.send_hour_utc <= 23:
         _fail(src, "tlsrpt.send_hour_utc", f"{cfg.tlsrpt.send_hour_utc} is not an hour 0-23")
+    if bool(cfg.tlsrpt.dkim_selector) != bool(cfg.tlsrpt.dkim_key_file):
+        _fail(src, "tlsrpt.dkim_key_file", "dkim_selector and dkim_key_file go together")
     if cfg.tlsrpt.enabled and not (cfg.tlsrpt.contact_info and cfg.tlsrpt.report_sender):
         _fail(src, "tlsrpt.contact_info", "contact_info and report_sender are required when enabled")
 

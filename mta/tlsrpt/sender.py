@@ -38,7 +38,7 @@ import certifi
 
 from mta import log
 from mta.config import Config, TlsRptConfig
-from mta.errors import DnsError, MtaError, SpoolError
+from mta.errors import ConfigError, DnsError, MtaError, SpoolError
 from mta.net.dns import AiohttpResolver, Resolver, to_ascii
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore, make_meta
@@ -253,10 +253,14 @@ class ReportSender:
                 submitter=report.submitter, report_id=report.report_id, from_addr=from_addr, to_addr=address,
                 now=datetime.datetime.fromtimestamp(now, datetime.UTC),
                 message_id=f"tlsrpt.{report.unique_id}.{n}@{report.submitter}")
+            if tls.dkim_selector:
+                from mta.tlsrpt.dkim_sign import DkimSigner
+
+                data = DkimSigner(tls.dkim_selector, tls.dkim_key_file, report.submitter).sign(data)
             # A real envelope sender (RPT-23): bounces of report mails reach the operator.
             meta = make_meta(sender=tls.report_sender, recipients=[address], data=data, now=now, kind="report")
             await self.store.put(meta, data)
-        except (SpoolError, ValueError, UnicodeError) as exc:
+        except (SpoolError, ConfigError, ValueError, UnicodeError) as exc:
             _log.error("tlsrpt: cannot queue the report of %s to %s: %s", report.domain, address, exc)
             return False, f"mailto:{address} failed: {exc}"
         if self.on_queued is not None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import email
 import email.policy
 import gzip
 import json
 from typing import Any
+
+import dkim
 
 from tests.support.relay import run_cli
 from tests.support.world import World
@@ -45,11 +48,26 @@ def build(world: World) -> None:
         world.zone.add(f"_smtp._tls.{domain}", "TXT", f'"v=TLSRPTv1; rua=mailto:{RUA}"')
 
 
+def dkim_key(world: World) -> tuple[str, bytes]:
+    """A fresh RSA key on disk and its public half as a DKIM key record."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = world.tmp / "dkim.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return str(path), b"v=DKIM1; k=rsa; s=tlsrpt; p=" + base64.b64encode(der)
+
+
 def test_rpt_day_of_mixed_outcomes_reported_once_by_mail(world: World) -> None:
     build(world)
+    key_file, key_record = dkim_key(world)
     data = world.config(tlsrpt={"enabled": True, "organization_name": "Test Org",
                                 "contact_info": "tlsrpt@relay.test", "report_sender": "reports@relay.test",
-                                "db_path": str(world.tmp / "queue" / "tlsrpt.db")})
+                                "db_path": str(world.tmp / "queue" / "tlsrpt.db"),
+                                "dkim_selector": "rpt", "dkim_key_file": key_file})
     relay = world.relay(data)
     for domain in CASES:
         world.submit(relay, [f"bob@{domain}"])
@@ -65,6 +83,12 @@ def test_rpt_day_of_mixed_outcomes_reported_once_by_mail(world: World) -> None:
     reports: dict[str, dict[str, Any]] = {}
     for m in mails:
         assert m.rcpt_tos == [RUA] and m.mail_from == "reports@relay.test"  # RPT-23: a real envelope sender
+        # RPT-18: DKIM-signed by the submitter domain, no l=, TLS-Report-* headers covered
+        key_name = b"rpt._domainkey.relay.test."
+        assert dkim.verify(m.data, tlsrpt="strict",
+                           dnsfunc=lambda name, timeout=5: key_record if name == key_name else None)
+        sig = m.data.split(b"\r\n\r\n", 1)[0].decode()
+        assert "d=relay.test" in sig and " l=" not in sig and "tls-report-domain" in sig.lower()
         msg = email.message_from_bytes(m.data, policy=email.policy.default)
         assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "tlsrpt"
         domain = str(msg["TLS-Report-Domain"])
