@@ -79,14 +79,16 @@ def test_rpt_day_of_mixed_outcomes_reported_once_by_mail(world: World) -> None:
     sent = {r["domain"]: r for r in json.loads(out.stdout)}
     assert {d for d, r in sent.items() if r["status"] == "sent"} == set(CASES)
     rua_mx = world.mxs["mx.rua.test"]
+
+    def dns_key(name: bytes, timeout: int = 5) -> bytes | None:
+        return key_record if name == b"rpt._domainkey.relay.test." else None
+
     mails = rua_mx.wait_for_messages_blocking(len(CASES), timeout=20)
     reports: dict[str, dict[str, Any]] = {}
     for m in mails:
         assert m.rcpt_tos == [RUA] and m.mail_from == "reports@relay.test"  # RPT-23: a real envelope sender
         # RPT-18: DKIM-signed by the submitter domain, no l=, TLS-Report-* headers covered
-        key_name = b"rpt._domainkey.relay.test."
-        assert dkim.verify(m.data, tlsrpt="strict",
-                           dnsfunc=lambda name, timeout=5: key_record if name == key_name else None)
+        assert dkim.verify(m.data, tlsrpt="strict", dnsfunc=dns_key)
         sig = m.data.split(b"\r\n\r\n", 1)[0].decode()
         assert "d=relay.test" in sig and " l=" not in sig and "tls-report-domain" in sig.lower()
         msg = email.message_from_bytes(m.data, policy=email.policy.default)
