@@ -15,7 +15,6 @@ versions of several of these live in test_smtp_client.py, test_sts_fetch.py and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import threading
@@ -30,6 +29,7 @@ import dns.message
 import pytest
 
 from mta.net.dns import MAX_MX_HOSTS
+from tests.support.loop_thread import LoopThread
 from tests.support.policy_server import make_padded_policy
 from tests.support.relay import RelayProcess, base_config, deep_merge, free_port, run_cli, write_config
 from tests.support.world import World
@@ -66,23 +66,17 @@ class RawMx:
     interval: float = 0.0
     close_in_data: int | None = None
     connections: list[RawConnection] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: LoopThread | None = None
     _server: asyncio.Server | None = None
-    _thread: threading.Thread | None = None
     _stopping: bool = False
 
     def start(self) -> RawMx:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name=f"raw-mx-{self.address}", daemon=True)
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._session, self.address, self.port), loop).result(5)
+        self._runner = LoopThread(f"raw-mx-{self.address}")
+        self._server = self._runner.start(lambda: asyncio.start_server(self._session, self.address, self.port))
         return self
 
     def stop(self) -> None:
-        loop = self._loop
-        if loop is None or self._thread is None:
+        if self._runner is None:
             return
         self._stopping = True
 
@@ -90,12 +84,8 @@ class RawMx:
             if self._server is not None:
                 self._server.close()
 
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(close(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(5)
-        loop.close()
-        self._loop = None
+        self._runner.stop(close)
+        self._runner = None
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = RawConnection(opened=time.monotonic())

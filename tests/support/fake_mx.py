@@ -44,9 +44,7 @@ Transcript lists are appended on the server's loop and may be read from any thre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -54,6 +52,8 @@ from types import TracebackType
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from tests.support.loop_thread import LoopThread
 
 USER_UNKNOWN = "550 5.1.1 no such user"
 MAILBOX_FULL = "452 4.2.2 mailbox full"
@@ -297,8 +297,7 @@ class FakeMx:
         self.errors: list[str] = []  # exceptions inside the server (mostly failed TLS handshakes)
         self._live: set[_FakeSmtp] = set()
         self._server: asyncio.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._thread_loop: asyncio.AbstractEventLoop | None = None
+        self._runner: LoopThread | None = None
 
     @property
     def tls_context(self) -> ssl.SSLContext | None:
@@ -414,29 +413,11 @@ class FakeMx:
 
     def start_in_thread(self) -> FakeMx:
         """Run the server on a private loop in a daemon thread (for sync tests and subprocess relays)."""
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name=f"fake-mx-{self.address}", daemon=True)
-        self._thread.start()
-        ready.wait(5)
-        asyncio.run_coroutine_threadsafe(self.start(), loop).result(5)
-        self._thread_loop = loop
+        self._runner = LoopThread(f"fake-mx-{self.address}")
+        self._runner.start(self.start)
         return self
 
     def stop_thread(self) -> None:
-        loop, thread = self._thread_loop, self._thread
-        if loop is None or thread is None:
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self.stop(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
-        self._thread = None
-        self._thread_loop = None
+        if self._runner is not None:
+            self._runner.stop(self.stop)
+            self._runner = None

@@ -25,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
 
+from tests.support.loop_thread import LoopThread
 from tests.support.pki import Leaf, TestPki
 
 TXT_PATH = "/.well-known/mta-sts.txt"
@@ -105,8 +105,7 @@ class PolicyServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self._thread: threading.Thread | None = None
-        self._thread_loop: asyncio.AbstractEventLoop | None = None
+        self._runner: LoopThread | None = None
         self._closing = asyncio.Event()
 
     # ----- configuration -------------------------------------------------------------------
@@ -218,30 +217,14 @@ class PolicyServer:
 
     def start_in_thread(self) -> None:
         """Run the server on a private loop in a daemon thread (for subprocess relays)."""
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._thread_loop = loop
-        self._thread = threading.Thread(target=run, name="policy-server", daemon=True)
-        self._thread.start()
-        ready.wait(5)
-        asyncio.run_coroutine_threadsafe(self.start(), loop).result(5)
+        self._runner = LoopThread("policy-server")
+        self._runner.start(self.start)
 
     def stop_thread(self) -> None:
         """Stop a server started with start_in_thread."""
-        loop, thread = self._thread_loop, self._thread
-        if loop is None or thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.stop(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
-        self._thread_loop = self._thread = None
+        if self._runner is not None:
+            self._runner.stop(self.stop)
+            self._runner = None
 
     # ----- HTTP ----------------------------------------------------------------------------
 
