@@ -131,13 +131,13 @@ class Relay:
             self.scheduler.schedule(meta.id, due)
 
     async def start(self, child: tuple[int, int] | None = None,
-                    resumed: list[tuple[str, float]] | None = None) -> None:
+                    resumed: list[tuple[str, float]] | None = None, resume_seconds: float = 0.0) -> None:
         """Resume the queue and start serving; `child` = (pid, pipe) of a submission process, which
         must only have been started after the spool was recovered (`resumed`): recovery removes
         half-written files, and would remove the child's if it were already accepting mail."""
         if self.store._lock_fd is None:
             self.store.lock()
-        started = time.monotonic()
+        started = time.monotonic() - resume_seconds  # recovery may have run before the fork
         if resumed is None:
             resumed = await asyncio.to_thread(resume, self.store)
         for qid, due in resumed:
@@ -219,7 +219,7 @@ class Relay:
 
 
 async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None,
-                resumed: list[tuple[str, float]] | None = None) -> int:
+                resumed: list[tuple[str, float]] | None = None, resume_seconds: float = 0.0) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
     # Spool writes block in fsync; with asyncio's default 6 threads, 20 concurrent submissions would
@@ -230,7 +230,7 @@ async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, 
         # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
         SpoolStore(cfg.queue.path).prepare()
     relay = Relay(cfg, store)
-    await relay.start(child, resumed)
+    await relay.start(child, resumed, resume_seconds)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -13,6 +13,7 @@ import datetime
 import getpass
 import json
 import sys
+import time
 from typing import Any
 
 from mta import config as config_mod
@@ -114,6 +115,7 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None
     resumed: list[tuple[str, float]] | None = None
+    resume_seconds = 0.0
     if cfg.submission.separate_process:
         # Lock, recover the spool, THEN fork the listener child (recovery deletes half-written
         # files, which must never be the child's), all before any event loop or thread exists.
@@ -124,14 +126,16 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         store.lock()
         assert store._lock_fd is not None
         store.wait_for_writers()
+        t0 = time.monotonic()
         resumed = resume(store)
+        resume_seconds = time.monotonic() - t0
         child = spawn(cfg, close_fds=(store._lock_fd,))
     try:
         import uvloop  # type: ignore[import-not-found]
 
-        return int(uvloop.run(serve(cfg, store, child, resumed)))
+        return int(uvloop.run(serve(cfg, store, child, resumed, resume_seconds)))
     except ImportError:
-        return asyncio.run(serve(cfg, store, child, resumed))
+        return asyncio.run(serve(cfg, store, child, resumed, resume_seconds))
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
