@@ -8,7 +8,6 @@ attempts finish (or leave their mail queued), release the spool lock, exit 0.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import random
@@ -16,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from mta import log
+from mta import log, runtime
 from mta.config import Config, parse_hostport
 from mta.delivery.attempt import AttemptContext
 from mta.delivery.pool import ConnectionPool
@@ -27,9 +26,7 @@ from mta.net.dns import Resolver
 from mta.scheduler import Scheduler
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
-from mta.submission.auth import load_users
-from mta.submission.handler import SubmissionHandler
-from mta.submission.listener import Listeners
+from mta.submission.listener import Listeners, build_listeners
 
 _log = logging.getLogger("mta.app")
 DRAIN_TIMEOUT = 20.0
@@ -106,9 +103,7 @@ class Relay:
         )
         self.worker = Worker(self.store, self.ctx, cfg.delivery, on_new_message=self.on_new_message)
         self.scheduler = Scheduler(self.store, self.worker.deliver, cfg.delivery.concurrency)
-        users = load_users(cfg.submission.users_file) if cfg.submission.users_file else {}
-        self.handler = SubmissionHandler(cfg.submission, cfg.hostname, self.store, self.on_new_message, users)
-        self.listeners = Listeners(cfg.submission, cfg.hostname, self.handler)
+        self.listeners: Listeners | None = None  # only when the listeners run in this process
         self._background: list[asyncio.Task[None]] = []
         self.child_pid: int | None = None
         self.child_task: asyncio.Task[None] | None = None
@@ -145,6 +140,7 @@ class Relay:
         count = len(resumed)
         loop = asyncio.get_running_loop()
         if child is None:
+            self.listeners = build_listeners(self.cfg, self.store, self.on_new_message)
             await self.listeners.start()
             listen = " ".join(f"{h}:{p}" for h, p in self.listeners.addresses())
         else:
@@ -205,7 +201,8 @@ class Relay:
             await stop_child(self.child_pid)
             if self.child_task is not None:
                 await asyncio.gather(self.child_task, return_exceptions=True)
-        await self.listeners.stop()
+        if self.listeners is not None:
+            await self.listeners.stop()
         await self.scheduler.drain(DRAIN_TIMEOUT)
         for task in self._background:
             task.cancel()
@@ -222,9 +219,7 @@ async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, 
                 resumed: list[tuple[str, float]] | None = None, resume_seconds: float = 0.0) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
-    # Spool writes block in fsync; with asyncio's default 6 threads, 20 concurrent submissions would
-    # queue for a thread. More threads let the file system batch concurrent fsyncs into one commit.
-    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="mta-io"))
+    runtime.use_io_threads(loop)
     if store is None:
         # The spool first: an unusable one is the error the operator must see, before anything (the
         # MTA-STS cache, say, which lives in it by default) trips over it less clearly.

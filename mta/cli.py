@@ -7,7 +7,6 @@ Every command takes --config F (default: config.toml). Exit codes: 0 ok, 1 error
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import datetime
 import getpass
@@ -17,7 +16,7 @@ import time
 from typing import Any
 
 from mta import config as config_mod
-from mta import log
+from mta import log, runtime
 from mta.errors import MtaError, SpoolError
 from mta.spool import control
 from mta.spool.state import MessageMeta
@@ -130,12 +129,7 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         resumed = resume(store)
         resume_seconds = time.monotonic() - t0
         child = spawn(cfg, close_fds=(store._lock_fd,))
-    try:
-        import uvloop  # type: ignore[import-not-found]
-
-        return int(uvloop.run(serve(cfg, store, child, resumed, resume_seconds)))
-    except ImportError:
-        return asyncio.run(serve(cfg, store, child, resumed, resume_seconds))
+    return runtime.run(serve(cfg, store, child, resumed, resume_seconds))
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:

@@ -18,11 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
-from mta.config import SubmissionConfig, parse_hostport
+from mta.config import Config, SubmissionConfig, parse_hostport
+from mta.spool.state import MessageMeta
+from mta.spool.store import SpoolStore
+from mta.submission.auth import load_users
 from mta.submission.handler import SubmissionHandler
 
 _BACKLOG = 1024  # asyncio's default 100 lets a burst of connects sit in SYN_RECV for seconds
@@ -176,6 +180,13 @@ def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx.load_cert_chain(cert, key)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def build_listeners(cfg: Config, store: SpoolStore, on_accept: Callable[[MessageMeta], None]) -> Listeners:
+    """The submission listeners of `cfg`, spooling into `store` and reporting each accepted message."""
+    users = load_users(cfg.submission.users_file) if cfg.submission.users_file else {}
+    handler = SubmissionHandler(cfg.submission, cfg.hostname, store, on_accept, users)
+    return Listeners(cfg.submission, cfg.hostname, handler)
 
 
 class Listeners:

@@ -13,7 +13,6 @@ SIGKILLed `mta serve` never leaves a listener behind that a restarted one would 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -23,11 +22,10 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from mta import runtime
 from mta.config import Config
 from mta.spool.store import SpoolStore
-from mta.submission.auth import load_users
-from mta.submission.handler import SubmissionHandler
-from mta.submission.listener import Listeners
+from mta.submission.listener import build_listeners
 
 READY = "READY"
 _PR_SET_PDEATHSIG = 1
@@ -46,7 +44,7 @@ def spawn(cfg: Config, close_fds: tuple[int, ...] = ()) -> tuple[int, int]:
                 os.close(fd)  # e.g. the spool lock: the parent alone holds it
             _die_with(parent)
             SpoolStore(cfg.queue.path).hold_writer_lock()  # released only by our exit
-            code = _run(cfg, write_fd, parent)
+            code = runtime.run(_child(cfg, write_fd, parent))
         except BaseException:
             traceback.print_exc()
         finally:
@@ -63,24 +61,12 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _run(cfg: Config, write_fd: int, parent: int) -> int:
-    try:
-        import uvloop  # type: ignore[import-not-found]
-
-        return int(uvloop.run(_child(cfg, write_fd, parent)))
-    except ImportError:
-        return asyncio.run(_child(cfg, write_fd, parent))
-
-
 async def _child(cfg: Config, write_fd: int, parent: int) -> int:
     loop = asyncio.get_running_loop()
-    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="mta-io"))
+    runtime.use_io_threads(loop)
     transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0))
-    users = load_users(cfg.submission.users_file) if cfg.submission.users_file else {}
-    store = SpoolStore(cfg.queue.path)
-    handler = SubmissionHandler(cfg.submission, cfg.hostname, store,
-                                lambda meta: transport.write(f"{meta.id}\n".encode()), users)
-    listeners = Listeners(cfg.submission, cfg.hostname, handler)
+    listeners = build_listeners(cfg, SpoolStore(cfg.queue.path),
+                                lambda meta: transport.write(f"{meta.id}\n".encode()))
     for attempt in range(50):
         try:
             await listeners.start()
