@@ -81,8 +81,10 @@ async def _child(cfg: Config, write_fd: int, parent: int) -> int:
     addresses = " ".join(f"{h}:{p}" for h, p in listeners.addresses())
     transport.write(f"{READY} {addresses}\n".encode())
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # Ctrl-C reaches the whole process group: only the parent acts on it (and SIGTERMs us after
+    # it stopped expecting ids); if we stopped on our own it would take us for crashed.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     while not stop.is_set() and os.getppid() == parent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)

@@ -66,3 +66,22 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         blocker.close()
     assert out.returncode == 1
     assert "cannot listen" in out.stderr
+
+
+def test_ctrl_c_to_the_process_group_exits_zero(tmp_path: Path) -> None:
+    """Ctrl-C signals parent and child alike; only the parent acts on it, so the stop is clean."""
+    config, data = _config(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--config", str(config)],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        host, port = listen_address(data)
+        deadline = time.monotonic() + 10
+        while not _listening(host, port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "exited unexpectedly" not in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
