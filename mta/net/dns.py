@@ -72,6 +72,7 @@ class _Lookup:
 
     status: str  # _OK | _NXDOMAIN | _NODATA
     rdatas: tuple[object, ...] = ()
+    owner: str = ""  # the name the records belong to after following CNAMEs ("" if unknown)
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,15 @@ class Resolver:
         Each record's character-strings are joined with no separator (STS-20) and decoded as
         UTF-8 with replacement, so a stray byte can only make a record invalid, never crash.
         """
-        found = await self._lookup(to_ascii(name), "TXT")
-        return [b"".join(rd.strings).decode("utf-8", errors="replace") for rd in found.rdatas]  # type: ignore[attr-defined]
+        texts, _owner = await self.txt_with_owner(name)
+        return texts
+
+    async def txt_with_owner(self, name: str) -> tuple[list[str], str]:
+        """`txt(name)` and the owner name of the records once CNAMEs are followed (SEED-S6)."""
+        qname = to_ascii(name)
+        found = await self._lookup(qname, "TXT")
+        texts = [b"".join(rd.strings).decode("utf-8", errors="replace") for rd in found.rdatas]  # type: ignore[attr-defined]
+        return texts, found.owner or qname
 
     async def _lookup(self, name: str, rdtype: str) -> _Lookup:
         """Ask (or recall) `name`/`rdtype`; all dnspython exceptions are mapped here."""
@@ -204,7 +212,7 @@ class Resolver:
             found = _Lookup(_NODATA)
             self._store(key, found, min(answer.chaining_result.minimum_ttl, MAX_NEGATIVE_TTL))
         else:
-            found = _Lookup(_OK, tuple(answer.rrset))
+            found = _Lookup(_OK, tuple(answer.rrset), _host(answer.canonical_name))
             self._store(key, found, min(answer.chaining_result.minimum_ttl, MAX_POSITIVE_TTL))
         return found
 
