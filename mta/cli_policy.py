@@ -90,7 +90,7 @@ async def discover(cfg: Config, domain: str) -> dict[str, Any]:
 async def probe(cfg: Config, info: dict[str, Any]) -> list[dict[str, Any]]:
     """Connect to every MX (opportunistic TLS) and tell what an enforce policy would think of it."""
     from mta.app import build_resolver, build_timeouts
-    from mta.delivery.route import order_mx
+    from mta.delivery.route import MAX_MX_HOSTS, order_mx
     from mta.delivery.smtp_client import SmtpSession, TlsMode
     from mta.sts.policy import mx_matches
 
@@ -101,10 +101,16 @@ async def probe(cfg: Config, info: dict[str, Any]) -> list[dict[str, Any]]:
         candidates = order_mx(answer, cfg.hostname, random.Random())
     except (DnsError, DeliveryError) as exc:
         return [{"mx": None, "error": str(exc)}]
+
+    def matches(host: str) -> bool | None:
+        return None if info["mx"] is None else any(mx_matches(host, p) for p in info["mx"])
+
+    # The hosts delivery would consider: the most preferred ones, and policy-listed ones further
+    # down (the cap comes after the policy filter, issue 10 item 4); bounded either way.
+    candidates = candidates[:MAX_MX_HOSTS] + [c for c in candidates[MAX_MX_HOSTS:] if matches(c.host)][:MAX_MX_HOSTS]
     for cand in candidates:
         row: dict[str, Any] = {"mx": cand.host, "preference": cand.preference,
-                               "matches_policy": None if info["mx"] is None
-                               else any(mx_matches(cand.host, p) for p in info["mx"]),
+                               "matches_policy": matches(cand.host),
                                "address": None, "starttls": None, "tls_version": None, "cert_valid": None,
                                "error": None}
         try:
