@@ -8,6 +8,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from mta.sts.cache import PolicyCache
 from mta.sts.decide import CacheEntry
 from mta.sts.policy import Policy
@@ -50,6 +52,7 @@ def test_issue11_s4_probe_text_never_prints_none(world: World) -> None:
     assert rows[0]["mx"] is None and rows[0]["error"]
 
 
+@pytest.mark.req("STS-91")
 def test_issue11_s4_fetch_failure_keeps_its_result_type(world: World) -> None:
     """Issue 11 §4 (the other side): a published record whose policy cannot be fetched is a
     reportable failure, so result_type stays (STS-91)."""
@@ -59,6 +62,7 @@ def test_issue11_s4_fetch_failure_keeps_its_result_type(world: World) -> None:
     assert (info["policy_type"], info["result_type"], info["published"]) == ("sts", "sts-policy-fetch-error", True)
 
 
+@pytest.mark.req("STS-64")
 def test_issue10_item3_policy_cache_lists_damaged_rows_and_unreadable_file(world: World) -> None:
     """Issue 10 item 3: `mta policy --cache` shows a row that no longer parses (text and JSON)
     and exits 1; an unreadable cache file is shown the same way."""

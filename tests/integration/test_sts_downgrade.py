@@ -81,6 +81,7 @@ async def test_issue10_item1_seed_s2_rfc_record_with_failed_fetch_keeps_cached_d
     assert entry is not None and entry.policy.dialect == "draft03" and entry.txt_id == "d1"
 
 
+@pytest.mark.req("SEED-S2", "STS-91")
 async def test_issue10_item1_reports_fetch_failure_and_successful_rfc_fetch_replaces_draft(world: World) -> None:
     """Issue 10 item 1: the failed RFC fetch is reported (STS-91) while the draft policy applies;
     once the RFC policy can be fetched it replaces the draft one (SEED-S2: RFC wins)."""
@@ -99,6 +100,7 @@ async def test_issue10_item1_reports_fetch_failure_and_successful_rfc_fetch_repl
     assert replaced.policy is not None and replaced.policy.dialect == "rfc8461"
 
 
+@pytest.mark.req("SEED-S2", "STS-60")
 async def test_issue10_item1_expired_draft_policy_is_not_applied(world: World) -> None:
     """Issue 10 item 1 (the other side): only a FRESH cached draft policy is kept (STS-60)."""
     serve_draft(world)
@@ -151,6 +153,7 @@ class Gate(asyncio.Semaphore):
         return await super().acquire()
 
 
+@pytest.mark.req("STS-61")
 async def test_issue10_item2_refresh_with_stale_snapshot_does_not_roll_back(world: World) -> None:
     """Issue 10 item 2: the refresh takes its snapshot (policy A), waits at its gate; meanwhile a
     normal discovery stores policy B; then the refresh's fetch fails. Policy B must stay, in
@@ -187,6 +190,7 @@ ENFORCE = Policy("enforce", ("mx1.example.test",), 86400)
 TESTING = Policy("testing", ("mx1.example.test",), 86400)
 
 
+@pytest.mark.req("STS-59", "STS-64")
 async def test_issue10_item2_cache_put_is_compare_and_set_in_memory(world: World) -> None:
     """Issue 10 item 2: a write decided from an old snapshot is refused; the newer entry stays."""
     cache = PolicyCache(world.tmp / "cas.db")
@@ -203,6 +207,7 @@ async def test_issue10_item2_cache_put_is_compare_and_set_in_memory(world: World
     assert await cache.get(DOMAIN) == marked
 
 
+@pytest.mark.req("STS-64")
 async def test_issue10_item2_sqlite_keeps_a_newer_row_written_elsewhere(world: World) -> None:
     """Issue 10 item 2, on disk: a process holding an old entry never overwrites the newer row
     another process (or cache instance) stored in the same file."""
@@ -228,6 +233,7 @@ def errors(caplog: pytest.LogCaptureFixture, needle: str) -> list[logging.LogRec
     return [r for r in caplog.records if r.levelno >= logging.ERROR and needle in r.getMessage()]
 
 
+@pytest.mark.req("STS-64", "STS-57")
 async def test_issue10_item3_unreadable_database_keeps_fetched_policy_in_memory(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -251,6 +257,7 @@ async def test_issue10_item3_unreadable_database_keeps_fetched_policy_in_memory(
     assert len(errors(caplog, "policy cache")) >= 3  # each lookup that consulted the cache
 
 
+@pytest.mark.req("STS-64")
 async def test_issue10_item3_damaged_row_is_an_error_on_every_lookup(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -280,6 +287,7 @@ async def test_issue10_item3_damaged_row_is_an_error_on_every_lookup(
     assert len(errors(caplog, "unreadable")) == 1  # only the lookup before the fetch replaced it
 
 
+@pytest.mark.req("STS-64")
 async def test_issue10_item3_write_failure_is_an_error_and_memory_keeps_applying(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
