@@ -82,7 +82,7 @@ def quick_start(extra_env: dict[str, str], volume_name: str | None = None) -> It
         yield box, port
 
 
-def test_ctr_image_is_non_root_with_healthcheck_and_valid_config() -> None:
+def test_ctr_1_5_image_is_non_root_with_healthcheck_and_valid_config() -> None:
     [info] = json.loads(podman("image", "inspect", IMAGE).stdout)
     assert info["Config"]["User"] == "mta"
     assert info["Healthcheck"]["Test"] == ["CMD", "python3", "-m", "mta.healthcheck"]  # kept by --format docker
@@ -98,7 +98,7 @@ def test_ctr_image_is_non_root_with_healthcheck_and_valid_config() -> None:
     assert "$MTA_RELAY_NETWORKS: submission.relay_networks[0]: 'everyone' is not a network" in bad.stderr
 
 
-def test_ctr_sendmail_is_linked_when_the_package_has_it() -> None:
+def test_ctr_8_sendmail_is_linked_when_the_package_has_it() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     if "sendmail" not in scripts:
         pytest.skip("no `sendmail` console script in pyproject.toml yet (issue 12)")
@@ -107,7 +107,7 @@ def test_ctr_sendmail_is_linked_when_the_package_has_it() -> None:
     assert r.stdout.strip() == "/opt/mta/bin/sendmail"
 
 
-def test_ctr_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(world: tuple[FakeDns, FakeMx]) -> None:
+def test_ctr_1_2_6_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(world: tuple[FakeDns, FakeMx]) -> None:
     dns_server, mx = world
     with quick_start({"MTA_NAMESERVERS": dns_server.host}) as (box, port):
         # The relay runs as the image's user, not root (uid 10025 in the Dockerfile).
@@ -129,7 +129,7 @@ def test_ctr_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(world: t
         assert box.stop() == 0
 
 
-def test_ctr_spool_volume_keeps_deferred_mail_across_a_restart(world: tuple[FakeDns, FakeMx]) -> None:
+def test_ctr_4_spool_volume_keeps_deferred_mail_across_a_restart(world: tuple[FakeDns, FakeMx]) -> None:
     dns_server, _ = world
     smart_host = loopback_address()
     smart_port = free_port(smart_host)
@@ -159,7 +159,7 @@ def test_ctr_spool_volume_keeps_deferred_mail_across_a_restart(world: tuple[Fake
             assert box.stop() == 0
 
 
-def test_ctr_readme_published_port_setting_admits_only_the_gateway(world: tuple[FakeDns, FakeMx]) -> None:
+def test_ctr_3_readme_published_port_setting_admits_only_the_gateway(world: tuple[FakeDns, FakeMx]) -> None:
     """The README's bridge-network setting, checked on loopback.
 
     Behind a published port the client comes from the bridge's gateway (podman 10.88.0.1). With

@@ -15,13 +15,13 @@ def health(config: Path, env: dict[str, str] | None = None) -> subprocess.Comple
                           capture_output=True, text=True, timeout=20, env=env)
 
 
-def test_ctr_probe_address_reaches_wildcards_on_loopback() -> None:
+def test_ctr_6_probe_address_reaches_wildcards_on_loopback() -> None:
     assert probe_address("0.0.0.0:2525") == ("127.0.0.1", 2525)
     assert probe_address("[::]:2525") == ("::1", 2525)
     assert probe_address("127.0.0.9:26") == ("127.0.0.9", 26)
 
 
-def test_ctr_healthcheck_passes_while_serving_and_fails_after(tmp_path: Path) -> None:
+def test_ctr_6_healthcheck_passes_while_serving_and_fails_after(tmp_path: Path) -> None:
     data = base_config(tmp_path)
     config = write_config(tmp_path, data)
     with running(config, data) as relay:

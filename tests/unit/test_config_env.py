@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTAINER_CONFIG = ROOT / "deploy" / "container" / "config.toml"
 
 
-def test_ctr_env_overrides_win_over_the_file(tmp_path: Path) -> None:
+def test_ctr_5_env_overrides_win_over_the_file(tmp_path: Path) -> None:
     p = tmp_path / "config.toml"
     p.write_text('hostname = "file.example"\n[submission]\nlisten = ["127.0.0.1:2525"]\nmax_recipients = 7\n'
                  '[delivery]\nrelayhost = "smart.example:25"\n')
@@ -34,7 +34,7 @@ def test_ctr_env_overrides_win_over_the_file(tmp_path: Path) -> None:
     assert config.load(p).hostname == "file.example"
 
 
-def test_ctr_env_empty_values_mean_empty(tmp_path: Path) -> None:
+def test_ctr_5_empty_values_mean_empty(tmp_path: Path) -> None:
     p = tmp_path / "config.toml"
     p.write_text('[delivery]\nrelayhost = "smart.example:25"\n')
     cfg = config.load(p, {"MTA_RELAY_NETWORKS": "", "MTA_RELAYHOST": ""})
@@ -55,7 +55,7 @@ def test_ctr_env_empty_values_mean_empty(tmp_path: Path) -> None:
         ("MTA_NAMESERVERS", "ns1.example", "dns.nameservers[0]: 'ns1.example' is not an IP address"),
     ],
 )
-def test_ctr_env_errors_name_the_variable(tmp_path: Path, var: str, value: str, message: str) -> None:
+def test_ctr_5_errors_name_the_variable(tmp_path: Path, var: str, value: str, message: str) -> None:
     p = tmp_path / "config.toml"
     p.write_text("")
     with pytest.raises(ConfigError) as info:
@@ -63,14 +63,14 @@ def test_ctr_env_errors_name_the_variable(tmp_path: Path, var: str, value: str, 
     assert str(info.value) == f"${var}: {message}"
 
 
-def test_ctr_env_does_not_hide_a_broken_file(tmp_path: Path) -> None:
+def test_ctr_5_env_does_not_hide_a_broken_file(tmp_path: Path) -> None:
     p = tmp_path / "config.toml"
     p.write_text("submission = 3\n")
     with pytest.raises(ConfigError, match=r"config.toml: submission: expected a table"):
         config.load(p, {"MTA_LISTEN": "127.0.0.1:2525"})
 
 
-def test_ctr_every_variable_is_documented() -> None:
+def test_ctr_5_every_variable_is_documented() -> None:
     example = (ROOT / "config.example.toml").read_text()
     readme = (ROOT / "README.md").read_text()
     for var, key in config.ENV_KEYS.items():
@@ -80,7 +80,7 @@ def test_ctr_every_variable_is_documented() -> None:
         assert var in readme, f"README.md does not mention {var}"
 
 
-def test_ctr_image_config_is_valid_and_loopback_only() -> None:
+def test_ctr_3_image_config_is_valid_and_loopback_only() -> None:
     cfg = config.load(CONTAINER_CONFIG)
     assert cfg.submission.listen == ("0.0.0.0:2525",)
     # Never an open relay out of the box: only the container's own loopback may relay without AUTH.
@@ -89,7 +89,7 @@ def test_ctr_image_config_is_valid_and_loopback_only() -> None:
     assert cfg.mta_sts.cache_path.startswith("/var/spool/mta/") and cfg.tlsrpt.db_path.startswith("/var/spool/mta/")
 
 
-def test_ctr_check_config_uses_mta_config_and_names_the_overrides(tmp_path: Path) -> None:
+def test_ctr_5_check_config_uses_mta_config_and_names_the_overrides(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text("")
     env = {"PATH": "/usr/bin:/bin", "MTA_CONFIG": str(p), "MTA_RELAY_NETWORKS": "10.88.0.1/32"}
@@ -102,7 +102,7 @@ def test_ctr_check_config_uses_mta_config_and_names_the_overrides(tmp_path: Path
     assert bad.stderr.strip() == "mta: $MTA_HOSTNAME: hostname: '-' is not a host name"
 
 
-def test_ctr_readme_published_port_setting_admits_the_gateway_alone() -> None:
+def test_ctr_3_readme_published_port_setting_admits_the_gateway_alone() -> None:
     """The README's bridge-network line: the image refuses the gateway until its one address is listed."""
     import ipaddress
 

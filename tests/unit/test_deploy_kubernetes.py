@@ -30,13 +30,13 @@ def one(kind: str) -> dict[str, Any]:
     return found
 
 
-def test_ctr_k8s_manifests_parse() -> None:
+def test_ctr_7_k8s_manifests_parse() -> None:
     assert MANIFESTS
     kinds = sorted(d["kind"] for d in documents())
     assert kinds == ["ConfigMap", "Service", "Service", "StatefulSet"]
 
 
-def test_ctr_k8s_statefulset_has_one_spool_volume_per_pod_and_probes() -> None:
+def test_ctr_7_k8s_statefulset_has_one_spool_volume_per_pod_and_probes() -> None:
     sts = one("StatefulSet")
     spec = sts["spec"]
     [claim] = spec["volumeClaimTemplates"]
@@ -67,7 +67,7 @@ def test_ctr_k8s_statefulset_has_one_spool_volume_per_pod_and_probes() -> None:
         assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
 
 
-def test_ctr_k8s_config_and_environment_are_valid(tmp_path: Path) -> None:
+def test_ctr_7_k8s_config_and_environment_are_valid(tmp_path: Path) -> None:
     sts = one("StatefulSet")
     [ctr] = sts["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in ctr["env"]}
