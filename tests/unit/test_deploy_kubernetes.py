@@ -33,7 +33,20 @@ def one(kind: str) -> dict[str, Any]:
 def test_ctr_7_k8s_manifests_parse() -> None:
     assert MANIFESTS
     kinds = sorted(d["kind"] for d in documents())
-    assert kinds == ["ConfigMap", "Service", "Service", "StatefulSet"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "Service", "Service", "StatefulSet"]
+
+
+def test_ctr_3_7_k8s_smtp_reachable_only_from_labelled_client_pods() -> None:
+    """MTA_RELAY_NETWORKS names the pod network; the NetworkPolicy keeps other pods off the SMTP port."""
+    sts = one("StatefulSet")
+    policy = one("NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    smtp_rules = [r for r in policy["spec"]["ingress"] if {"port": "smtp"} in r.get("ports", [])]
+    assert smtp_rules and all(r.get("from") for r in smtp_rules)
+    for rule in smtp_rules:
+        for peer in rule["from"]:
+            assert peer["podSelector"]["matchLabels"] == {"mta-client": "true"}
 
 
 def test_ctr_7_k8s_statefulset_has_one_spool_volume_per_pod_and_probes() -> None:
