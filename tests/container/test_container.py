@@ -1,9 +1,11 @@
 """The container image, built from the Dockerfile and run with podman (issue 19; `make container-test`).
 
 `tests/container/build.sh` builds the image first (MTA_CONTAINER_IMAGE names it); without it these
-tests skip, so `make test` does not need podman. Every container runs the README's own command
-(tests/container/podman.py) with `--network host`: the relay, the fake DNS and the fake MX all
-talk over the host's loopback, never over a container network.
+tests skip, so `make test` does not need podman. Every relay container runs the README's own
+command (tests/container/podman.py) with `--network host`: the relay, the fake DNS and the fake MX
+all talk over the host's loopback. One-shot commands run with `--network none`. No container ever
+joins podman's bridge network (which would route test traffic to private addresses and turn on
+the host's IP forwarding).
 """
 
 from __future__ import annotations
@@ -88,12 +90,13 @@ def test_ctr_1_5_image_is_non_root_with_healthcheck_and_valid_config() -> None:
     assert info["Healthcheck"]["Test"] == ["CMD", "python3", "-m", "mta.healthcheck"]  # kept by --format docker
     assert "/var/spool/mta" in info["Config"]["Volumes"]
     # `mta check-config` on the image's own config, as shipped and with the README's variables.
-    r = podman("run", "--rm", IMAGE, "check-config")
+    r = podman("run", "--rm", "--network", "none", IMAGE, "check-config")
     assert r.stdout.strip() == "/etc/mta/config.toml: ok"
     env = [w for w in readme_command("podman", "run", having="--network") if w.startswith("MTA_")]
-    r = podman("run", "--rm", *[f"--env={e}" for e in env], IMAGE, "check-config")
+    r = podman("run", "--rm", "--network", "none", *[f"--env={e}" for e in env], IMAGE, "check-config")
     assert r.stdout.strip() == "/etc/mta/config.toml: ok (overridden by MTA_HOSTNAME, MTA_LISTEN)"
-    bad = podman("run", "--rm", "--env=MTA_RELAY_NETWORKS=everyone", IMAGE, "check-config", check=False)
+    bad = podman("run", "--rm", "--network", "none", "--env=MTA_RELAY_NETWORKS=everyone", IMAGE, "check-config",
+                 check=False)
     assert bad.returncode == 1
     assert "$MTA_RELAY_NETWORKS: submission.relay_networks[0]: 'everyone' is not a network" in bad.stderr
 
@@ -102,7 +105,7 @@ def test_ctr_8_sendmail_is_linked_when_the_package_has_it() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     if "sendmail" not in scripts:
         pytest.skip("no `sendmail` console script in pyproject.toml yet (issue 12)")
-    r = podman("run", "--rm", "--entrypoint", "sh", IMAGE, "-c",
+    r = podman("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c",
                "test -x /usr/sbin/sendmail && readlink /usr/sbin/sendmail")
     assert r.stdout.strip() == "/opt/mta/bin/sendmail"
 
