@@ -1,14 +1,17 @@
-"""Container HEALTHCHECK: `python3 -m mta.healthcheck` exits 0 when the relay answers, else 1.
+"""Container HEALTHCHECK: `python3 -m mta.healthcheck` exits 0 when the relay is ready, else 1.
 
 It reads the configuration exactly as `mta serve` does ($MTA_CONFIG or --config, then the MTA_*
-overrides), so the probe goes where the listener really is even when MTA_LISTEN moves it. It
-speaks SMTP to the first listen address (a wildcard address is reached on loopback): a 220
-greeting and a 250 to NOOP, within the timeout. One line on stderr says why it failed.
+overrides), so the probe goes where the listeners really are even when a variable moves them.
+With the HTTP endpoint on (`[http] listen`), it asks `GET /readyz` (spool, listeners and
+scheduler; issue 14) for a 200; without it, it speaks SMTP to the first listen address: a 220
+greeting and a 250 to NOOP. Wildcard addresses are reached on loopback. One line on stderr says
+why it failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import ipaddress
 import os
 import smtplib
@@ -39,6 +42,23 @@ def smtp_alive(host: str, port: int, timeout: float) -> str | None:
     return None
 
 
+def http_ready(host: str, port: int, timeout: float) -> str | None:
+    """None when GET /readyz answers 200; else the reason (its 503 body names what is wrong).
+
+    http.client rather than urllib: a health probe must never go through an http_proxy variable.
+    """
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/readyz")
+        resp = conn.getresponse()
+        body = resp.read(2000).decode(errors="replace").strip()
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+    return None if resp.status == 200 else f"/readyz answered {resp.status} {body}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m mta.healthcheck", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.environ.get("MTA_CONFIG") or "config.toml")
@@ -49,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except MtaError as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
+    http_listen = getattr(getattr(cfg, "http", None), "listen", "")
+    if http_listen:
+        host, port = probe_address(http_listen)
+        reason = http_ready(host, port, args.timeout)
+        if reason:
+            print(f"unhealthy: http://{host}:{port}/readyz: {reason}", file=sys.stderr)
+            return 1
+        return 0
     listen = cfg.submission.listen[0] if cfg.submission.listen else None
     if listen is None:
         print("unhealthy: no plain submission.listen address to probe", file=sys.stderr)
