@@ -58,6 +58,14 @@ def new_id(now: float) -> str:
     return f"{int(now * 1000):011X}{secrets.token_hex(5).upper()}"
 
 
+def id_created(qid: str) -> float:
+    """The arrival time a queue id starts with (see new_id); 0.0 for anything else."""
+    try:
+        return int(qid[:11], 16) / 1000
+    except ValueError:
+        return 0.0
+
+
 class _GroupSync:
     """Coalesces fsync() calls on one directory across concurrent writer threads (group commit).
 
