@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from mta import log, metrics
 from mta.config import HttpConfig, parse_hostport
@@ -120,7 +120,7 @@ def make_app(ops: Ops, cfg: HttpConfig) -> web.Application:
 
     async def get_metrics(request: web.Request) -> web.Response:
         body = metrics.exposition()  # reads memory only: microseconds, no thread hop
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -110,6 +110,13 @@ class RelaySMTP(SMTP):
             return
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session on EOF but (plain TCP) asks to keep the socket half-open,
+        # and nothing closes it until the idle timer: a client that connects and hangs up would
+        # hold a connection slot (and mta_smtp_connections) for idle_timeout. Close it now.
+        super().eof_received()
+        return False
+
     async def smtp_AUTH(self, arg: str) -> None:
         peer = self.session.peer[0] if self.session and isinstance(self.session.peer, tuple) else "?"
         # One attempt at a time per address, so N parallel connections wait N delays, not one.
