@@ -25,6 +25,6 @@ VOLUME ["/var/spool/mta"]
 EXPOSE 2525
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD python -c "import smtplib; s=smtplib.SMTP('127.0.0.1', 2525, timeout=4); s.noop(); s.quit()" || exit 1
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8025/readyz', timeout=4)" || exit 1
 ENTRYPOINT ["mta"]
 CMD ["serve", "--config", "/etc/mta/config.toml"]

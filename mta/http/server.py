@@ -151,6 +151,7 @@ def make_app(ops: Ops, cfg: HttpConfig) -> web.Application:
         return web.json_response(found)
 
     async def _operate(request: web.Request, op: str, qid: str | None) -> web.Response:
+        await request.read()  # no body is expected; one over client_max_size is refused (413)
         if qid is not None and not await asyncio.to_thread(ops.store.meta_path(qid).exists):
             raise ApiError(404, f"no such message {qid}")
         ops.request(op, qid)
