@@ -43,7 +43,7 @@ def strings(node: Any) -> list[str]:
     return []
 
 
-def test_ops_alert_rules_parse_and_use_only_exported_metrics() -> None:
+def test_ops_8_alert_rules_parse_and_use_only_exported_metrics() -> None:
     doc = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
     rules = [r for g in doc["groups"] for r in g["rules"]]
     names = {r["alert"] for r in rules}
@@ -58,7 +58,7 @@ def test_ops_alert_rules_parse_and_use_only_exported_metrics() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_ops_dashboard_parses_and_uses_only_exported_metrics() -> None:
+def test_ops_8_dashboard_parses_and_uses_only_exported_metrics() -> None:
     dash = json.loads((ROOT / "deploy/grafana/mta.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in METRIC.findall(e)}

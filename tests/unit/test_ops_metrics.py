@@ -43,7 +43,7 @@ def test_ops_2_malformed_forwarded_line_is_ignored(junk: str) -> None:
     metrics.apply_forwarded(junk)  # logged, never raised into the pipe reader
 
 
-def test_ops_label_values_come_from_fixed_sets() -> None:
+def test_ops_1_label_values_come_from_fixed_sets() -> None:
     before = sample("mta_sts_failures_total", result_type="other")
     metrics.sts_failure("evil.example.com")
     assert sample("mta_sts_failures_total", result_type="other") == before + 1
@@ -58,7 +58,7 @@ def test_ops_label_values_come_from_fixed_sets() -> None:
     assert sample("mta_deliveries_total", result="delivered", policy="dane", sts_mode="none") == before + 1
 
 
-def test_ops_lookup_source_labels() -> None:
+def test_ops_1_lookup_source_labels() -> None:
     cases = [("fetched", False, "fetch"), ("cache", True, "cache"), ("override", False, "override"),
              ("none", False, "none"), ("none", True, "error")]
     for source, failed, label in cases:
