@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from mta.spool.store import SUBMISSION_RESERVE
@@ -19,6 +21,11 @@ from tests.support.ops import get_json, request, scrape, value, wait_up
 from tests.support.relay import RelayProcess, deep_merge, free_port, run_cli, write_config
 
 TOKEN = "t0ken-for-the-queue-api-0123456789"
+
+
+def healthcheck(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mta.healthcheck", "--config", str(config), "--timeout", "4"],
+                          capture_output=True, text=True, timeout=20)
 
 
 def start(tmp_path: Path, **http: str) -> tuple[RelayProcess, str]:
@@ -43,8 +50,12 @@ def test_ops_4_readyz_503_while_the_spool_is_full_then_200(tmp_path: Path) -> No
             code, _text = submit(relay)
             assert code == 452
             assert get_json(base, "/healthz") == (200, {"status": "ok"})  # alive, just not ready
+            # The image's HEALTHCHECK (mta.healthcheck) asks /readyz when [http] listen is set.
+            check = healthcheck(relay.config)
+            assert check.returncode == 1 and "/readyz answered 503" in check.stderr, check.stderr
             ballast.unlink()
             assert get_json(base, "/readyz") == (200, {"status": "ready"})
+            assert healthcheck(relay.config).returncode == 0
             samples = scrape(base)
             assert value(samples, "mta_messages_rejected_total", code="452") == 1
         finally:
