@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from mta import log
 from mta.delivery.pool import ConnectionPool
-from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, is_address_literal, order_mx
+from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
 from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
 from mta.errors import DeliveryError, DnsError, DnsPermanentError, PermanentDeliveryError, TransientDeliveryError
 from mta.model import SmtpReply
@@ -148,7 +148,7 @@ async def deliver_domain(ctx: AttemptContext, domain: str, rcpts: Sequence[str],
             candidates = order_mx(answer_or_exc, ctx.hostname, ctx.rng)
         except PermanentDeliveryError as exc:
             return _all(rcpts, PERMANENT, exc.reply, att)
-    verdicts = filter_mx(att.policy, [c.host for c in candidates])
+    verdicts = cap_hosts(filter_mx(att.policy, [c.host for c in candidates]))  # filter, then cap (SMTP-11)
     hosts: list[tuple[str, list[str] | None, bool]] = []
     for v in verdicts:
         if not v.allowed:
