@@ -19,7 +19,7 @@ from tests.integration.test_lazyfs import require_fuse
 from tests.support.soak import run_soak
 
 
-def test_plfs_20_power_cuts_lose_nothing_acknowledged(tmp_path: Path) -> None:
+def test_pwr_1_power_cuts_lose_nothing_acknowledged(tmp_path: Path) -> None:
     require_fuse()
     result = run_soak(tmp_path, rounds=3, seed=5, clients=6, round_seconds=1.2, powercut=True, drain_timeout=20)
     print(result.line())
@@ -31,7 +31,7 @@ def test_plfs_20_power_cuts_lose_nothing_acknowledged(tmp_path: Path) -> None:
     assert result.leftovers == []
 
 
-def test_plfs_21_control_without_directory_fsync_the_test_reports_losses(tmp_path: Path,
+def test_pwr_1_control_without_directory_fsync_the_test_reports_losses(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     require_fuse()
     monkeypatch.setenv("MTA_UNSAFE_SKIP_FSYNC", "dir")  # inherited by `mta serve`
@@ -41,7 +41,7 @@ def test_plfs_21_control_without_directory_fsync_the_test_reports_losses(tmp_pat
     assert result.lost > 0, f"a spool without directory fsync must lose mail here: {result.line()}"
 
 
-def test_plfs_22_control_without_file_fsync_torn_state_goes_to_corrupt(tmp_path: Path,
+def test_pwr_2_control_without_file_fsync_torn_state_goes_to_corrupt(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Names durable, data not: the cut leaves empty state files. Start-up must move them (and
     their data) to corrupt/ and keep running: every lost message is there, none is silently gone."""

@@ -54,7 +54,7 @@ def write(path: Path, data: bytes, *, sync: bool) -> None:
         os.close(fd)
 
 
-def test_plfs_1_data_without_fsync_is_gone_after_a_cut(fs: LazyFs) -> None:
+def test_lazyfs_1_data_without_fsync_is_gone_after_a_cut(fs: LazyFs) -> None:
     m = fs.mountpoint
     write(m / "a", b"never flushed", sync=False)
     fsync_dir(m)  # the name is durable, the data is not: a real disk shows an empty file
@@ -62,7 +62,7 @@ def test_plfs_1_data_without_fsync_is_gone_after_a_cut(fs: LazyFs) -> None:
     assert (fs.backing / "a").read_bytes() == b""
 
 
-def test_plfs_2_a_name_without_folder_fsync_is_gone(fs: LazyFs) -> None:
+def test_lazyfs_2_a_name_without_folder_fsync_is_gone(fs: LazyFs) -> None:
     m = fs.mountpoint
     write(m / "a", b"flushed data", sync=True)  # data flushed, but its name never was
     (m / "sub").mkdir()
@@ -70,7 +70,7 @@ def test_plfs_2_a_name_without_folder_fsync_is_gone(fs: LazyFs) -> None:
     assert list(fs.backing.iterdir()) == []
 
 
-def test_plfs_3_rename_without_folder_fsync_is_undone(fs: LazyFs) -> None:
+def test_lazyfs_3_rename_without_folder_fsync_is_undone(fs: LazyFs) -> None:
     m = fs.mountpoint
     write(m / "old", b"v1", sync=True)
     fsync_dir(m)
@@ -83,7 +83,7 @@ def test_plfs_3_rename_without_folder_fsync_is_undone(fs: LazyFs) -> None:
     assert (fs.backing / "old").read_bytes() == b"v1"
 
 
-def test_plfs_4_with_both_fsyncs_everything_survives(fs: LazyFs) -> None:
+def test_lazyfs_4_with_both_fsyncs_everything_survives(fs: LazyFs) -> None:
     m = fs.mountpoint
     (m / "q").mkdir()
     fsync_dir(m)
@@ -95,7 +95,7 @@ def test_plfs_4_with_both_fsyncs_everything_survives(fs: LazyFs) -> None:
     assert (fs.backing / "q" / "final").read_bytes() == b"payload"
 
 
-def test_plfs_5_unlink_and_overwrite_of_mount_time_files_are_undone(fs: LazyFs) -> None:
+def test_lazyfs_5_unlink_and_overwrite_of_mount_time_files_are_undone(fs: LazyFs) -> None:
     m = fs.mountpoint
     write(m / "keep", b"original", sync=True)
     write(m / "gone", b"still here", sync=True)
@@ -110,7 +110,7 @@ def test_plfs_5_unlink_and_overwrite_of_mount_time_files_are_undone(fs: LazyFs) 
     assert (fs.backing / "gone").read_bytes() == b"still here"
 
 
-def test_plfs_6_clean_unmount_keeps_everything(fs: LazyFs) -> None:
+def test_lazyfs_6_clean_unmount_keeps_everything(fs: LazyFs) -> None:
     write(fs.mountpoint / "a", b"not flushed, but the machine shut down cleanly", sync=False)
     fs.unmount()
     assert (fs.backing / "a").read_bytes().startswith(b"not flushed")
@@ -118,14 +118,14 @@ def test_plfs_6_clean_unmount_keeps_everything(fs: LazyFs) -> None:
     assert (fs.mountpoint / "a").exists()
 
 
-def test_plfs_7_full_writeback_behaves_like_a_flushed_disk(fs: LazyFs) -> None:
+def test_lazyfs_7_full_writeback_behaves_like_a_flushed_disk(fs: LazyFs) -> None:
     m = fs.mountpoint
     write(m / "a", b"x" * 10000, sync=False)
     fs.cut(writeback=1.0)
     assert (fs.backing / "a").read_bytes() == b"x" * 10000
 
 
-def test_plfs_8_partial_writeback_tears_files_at_page_boundaries(fs: LazyFs) -> None:
+def test_lazyfs_8_partial_writeback_tears_files_at_page_boundaries(fs: LazyFs) -> None:
     m = fs.mountpoint
     write(m / "a", b"a" * (4096 * 16), sync=True)
     fsync_dir(m)
@@ -138,7 +138,7 @@ def test_plfs_8_partial_writeback_tears_files_at_page_boundaries(fs: LazyFs) -> 
     assert pages == {b"a" * 4096, b"b" * 4096}  # torn: old and new pages side by side
 
 
-def test_plfs_9_frozen_mount_refuses_everything(fs: LazyFs) -> None:
+def test_lazyfs_9_frozen_mount_refuses_everything(fs: LazyFs) -> None:
     fs.freeze_and_cut()
     with pytest.raises(OSError):
         (fs.mountpoint / "late").write_bytes(b"after the power went")
@@ -147,7 +147,7 @@ def test_plfs_9_frozen_mount_refuses_everything(fs: LazyFs) -> None:
 
 
 @pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
-def test_plfs_10_sqlite_wal_commits_after_a_cut(fs: LazyFs, synchronous: str) -> None:
+def test_lazyfs_10_sqlite_wal_commits_after_a_cut(fs: LazyFs, synchronous: str) -> None:
     """What the policy cache (NORMAL) and the TLS-RPT store (FULL) keep (both via mta.db.open_wal).
 
     FULL fsyncs the WAL at every commit, so every commit survives. NORMAL fsyncs only at

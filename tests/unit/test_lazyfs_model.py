@@ -40,7 +40,7 @@ def _fsync(disk: Disk, node: Node, live: dict[int, bytes]) -> None:
     disk.fsync(node, len(data), lambda off, n: data[off:off + n])
 
 
-def test_plfs_m1_new_file_needs_both_flushes() -> None:
+def test_lazyfs_model_1_new_file_needs_both_flushes() -> None:
     disk, live = Disk(), {}
     a = disk.create("/a", False, 0o600)
     _write(disk, a, live, b"hello")
@@ -51,7 +51,7 @@ def test_plfs_m1_new_file_needs_both_flushes() -> None:
     assert _files(disk) == {"/a": b"hello"}
 
 
-def test_plfs_m2_rename_and_unlink_wait_for_the_folder() -> None:
+def test_lazyfs_model_2_rename_and_unlink_wait_for_the_folder() -> None:
     disk = Disk()
     disk.add_existing("/old", False, 0o644)
     disk.keep_old_bytes(disk.lookup("/old"), lambda: b"v1")
@@ -65,14 +65,14 @@ def test_plfs_m2_rename_and_unlink_wait_for_the_folder() -> None:
     assert _files(disk) == {}
 
 
-def test_plfs_m3_mount_time_files_are_kept_until_changed() -> None:
+def test_lazyfs_model_3_mount_time_files_are_kept_until_changed() -> None:
     disk = Disk()
     disk.add_existing("/d", True, 0o755)
     disk.add_existing("/d/f", False, 0o644)
     assert _files(disk) == {"/d/": None, "/d/f": "MOUNT-TIME"}
 
 
-def test_plfs_m4_truncate_and_extend_are_durable_at_fsync() -> None:
+def test_lazyfs_model_4_truncate_and_extend_are_durable_at_fsync() -> None:
     disk, live = Disk(), {}
     f = disk.create("/f", False, 0o644)
     disk.fsync_dir(disk.root)
@@ -88,7 +88,7 @@ def test_plfs_m4_truncate_and_extend_are_durable_at_fsync() -> None:
     assert _files(disk) == {"/f": b"ab\0\0Z"}
 
 
-def test_plfs_m5_writeback_one_flushes_everything_zero_nothing() -> None:
+def test_lazyfs_model_5_writeback_one_flushes_everything_zero_nothing() -> None:
     for writeback, expected in ((1.0, {"/f": b"x" * 5000}), (0.0, {})):
         disk, live = Disk(), {}
         f = disk.create("/f", False, 0o644)
@@ -96,7 +96,7 @@ def test_plfs_m5_writeback_one_flushes_everything_zero_nothing() -> None:
         assert _files(disk, live, writeback=writeback) == expected
 
 
-def test_plfs_m6_fuse_hidden_names_never_survive() -> None:
+def test_lazyfs_model_6_fuse_hidden_names_never_survive() -> None:
     disk = Disk()
     disk.create("/.fuse_hidden0001", False, 0o644)
     disk.fsync_dir(disk.root)
