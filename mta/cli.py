@@ -1,7 +1,7 @@
 """Command-line interface: parses arguments, formats output and exit codes; no business logic.
 
     mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
-Every command takes --config F (default: config.toml). Exit codes: 0 ok, 1 error, 2 usage.
+Every command takes --config F (default: $MTA_CONFIG, else config.toml). Exit codes: 0 ok, 1 error, 2 usage.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import getpass
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -133,7 +134,8 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    print(f"{cfg.source}: ok")
+    applied = config_mod.env_applied(os.environ)
+    print(f"{cfg.source}: ok" + (f" (overridden by {', '.join(applied)})" if applied else ""))
     return 0
 
 
@@ -159,7 +161,9 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mta", description="Outbound SMTP relay that enforces MTA-STS")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default="config.toml", help="configuration file (TOML)")
+    # MTA_CONFIG: a container or unit file names the config once for every command (issue 19).
+    common.add_argument("--config", default=os.environ.get("MTA_CONFIG") or "config.toml",
+                        help="configuration file (TOML); default $MTA_CONFIG, else config.toml")
     common.add_argument("--log-format", choices=("text", "json"), help="override [log] format")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the relay").set_defaults(func=cmd_serve)
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "raw", None):
         return int(args.raw(args))
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(args.config, os.environ)
         if args.log_format:
             cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, format=args.log_format))
         log.configure(cfg.log.format, cfg.log.level)
