@@ -127,12 +127,14 @@ def volume() -> Iterator[str]:
         podman("volume", "rm", "--force", name, check=False)
 
 
-def run_args(readme_run: list[str], *, volume_name: str, port: int, extra_env: dict[str, str]) -> list[str]:
+def run_args(readme_run: list[str], *, volume_name: str, port: int, http_port: int,
+             extra_env: dict[str, str]) -> list[str]:
     """The README's `podman run ...` as `podman create` arguments for a test.
 
-    Changed, and only these: no `-d`/`--name` (the test works by id), the volume name, the port
-    in MTA_LISTEN (2525 may be taken on a shared machine), the image name, the health timer off
-    (no systemd here; `podman healthcheck run` runs the check), plus the test's own variables.
+    Changed, and only these: no `-d`/`--name` (the test works by id), the volume name, the ports
+    in MTA_LISTEN and MTA_HTTP_LISTEN (2525 and 8025 may be taken on a shared machine), the image
+    name, the health timer off (no systemd here; `podman healthcheck run` runs the check), plus
+    the test's own variables.
     """
     assert readme_run[:2] == ["podman", "run"], readme_run
     args = list(readme_run[2:])
@@ -154,6 +156,8 @@ def run_args(readme_run: list[str], *, volume_name: str, port: int, extra_env: d
             value = next(it)
             if value.startswith("MTA_LISTEN="):
                 value = re.sub(r":2525$", f":{port}", value)
+            if value.startswith("MTA_HTTP_LISTEN="):
+                value = re.sub(r":8025$", f":{http_port}", value)
             out += ["-e", value]
             continue
         out.append(a)

@@ -11,6 +11,7 @@ the host's IP forwarding).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import smtplib
 import tomllib
@@ -73,15 +74,26 @@ def submit(port: int, source: str | None = None, to: str = "user@example.test") 
 
 
 @contextlib.contextmanager
-def quick_start(extra_env: dict[str, str], volume_name: str | None = None) -> Iterator[tuple[Container, int]]:
-    """The README's host-network `podman run`, on a free port, with its own volume unless given."""
+def quick_start(extra_env: dict[str, str], volume_name: str | None = None,
+                http_port: int | None = None) -> Iterator[tuple[Container, int]]:
+    """The README's host-network `podman run`, on free ports, with its own volume unless given."""
     port = free_port()
     with contextlib.ExitStack() as stack:
         vol = volume_name or stack.enter_context(volume())
         args = run_args(readme_command("podman", "run", having="--network"), volume_name=vol, port=port,
-                        extra_env=extra_env)
+                        http_port=http_port or free_port(), extra_env=extra_env)
         box = stack.enter_context(container(args, listen=("127.0.0.1", port)))
         yield box, port
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
 
 
 def test_ctr_1_5_image_is_non_root_with_healthcheck_and_valid_config() -> None:
@@ -94,7 +106,7 @@ def test_ctr_1_5_image_is_non_root_with_healthcheck_and_valid_config() -> None:
     assert r.stdout.strip() == "/etc/mta/config.toml: ok"
     env = [w for w in readme_command("podman", "run", having="--network") if w.startswith("MTA_")]
     r = podman("run", "--rm", "--network", "none", *[f"--env={e}" for e in env], IMAGE, "check-config")
-    assert r.stdout.strip() == "/etc/mta/config.toml: ok (overridden by MTA_HOSTNAME, MTA_LISTEN)"
+    assert r.stdout.strip() == "/etc/mta/config.toml: ok (overridden by MTA_HOSTNAME, MTA_LISTEN, MTA_HTTP_LISTEN)"
     bad = podman("run", "--rm", "--network", "none", "--env=MTA_RELAY_NETWORKS=everyone", IMAGE, "check-config",
                  check=False)
     assert bad.returncode == 1
@@ -112,7 +124,8 @@ def test_ctr_8_sendmail_is_linked_when_the_package_has_it() -> None:
 
 def test_ctr_1_2_6_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(world: tuple[FakeDns, FakeMx]) -> None:
     dns_server, mx = world
-    with quick_start({"MTA_NAMESERVERS": dns_server.host}) as (box, port):
+    http_port = free_port()
+    with quick_start({"MTA_NAMESERVERS": dns_server.host}, http_port=http_port) as (box, port):
         # The relay runs as the image's user, not root (uid 10025 in the Dockerfile).
         status = box.exec("cat", "/proc/1/status").stdout
         [uids] = [line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")]
@@ -124,11 +137,16 @@ def test_ctr_1_2_6_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(wo
         # MTA_HOSTNAME from the README is the EHLO name the MX saw.
         assert mx.sessions[0].ehlo_names == ["relay.example.org"]
         assert "Mail queue is empty" in box.exec("mta", "queue", "list").stdout
-        # HEALTHCHECK passes, and the same check fails where nothing listens.
+        # The HTTP endpoint from the host: ready, and the message counted.
+        status, body = http_get(http_port, "/readyz")
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
+        status, metrics = http_get(http_port, "/metrics")
+        assert status == 200 and f'mta_messages_received_total{{listener="smtp:{port}"}} 1.0' in metrics
+        # HEALTHCHECK (GET /readyz) passes, and the same check fails where nothing listens.
         assert podman("healthcheck", "run", box.id, check=False).returncode == 0
         down = box.exec("python3", "-m", "mta.healthcheck", "--timeout", "2", check=False,
-                        env={"MTA_LISTEN": f"127.0.0.1:{free_port()}"})
-        assert down.returncode == 1 and "unhealthy: SMTP 127.0.0.1:" in down.stderr
+                        env={"MTA_HTTP_LISTEN": f"127.0.0.1:{free_port()}"})
+        assert down.returncode == 1 and "unhealthy: http://127.0.0.1:" in down.stderr
         assert box.stop() == 0
 
 
