@@ -42,9 +42,10 @@ def readme_command(*prefix: str, having: str = "") -> list[str]:
     return found[0]
 
 
-def podman(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def podman(*args: str, check: bool = True, timeout: float = 60,
+           stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, CONTAINERS_CONF=str(CONF))
-    r = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and r.returncode != 0:
         raise AssertionError(f"podman {shlex.join(args)}: exit {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
@@ -59,10 +60,10 @@ class Container:
     def __init__(self, cid: str) -> None:
         self.id = cid
 
-    def exec(self, *cmd: str, check: bool = True,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
-        return podman("exec", *flags, self.id, *cmd, check=check)
+    def exec(self, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
+             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        flags = [f"--env={k}={v}" for k, v in (env or {}).items()] + (["--interactive"] if stdin is not None else [])
+        return podman("exec", *flags, self.id, *cmd, check=check, stdin=stdin)
 
     def logs(self) -> str:
         r = podman("logs", self.id, check=False)

@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import smtplib
+import time
 import tomllib
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -113,9 +114,12 @@ def test_ctr_1_5_image_is_non_root_with_healthcheck_and_valid_config() -> None:
     assert "$MTA_RELAY_NETWORKS: submission.relay_networks[0]: 'everyone' is not a network" in bad.stderr
 
 
+def has_sendmail() -> bool:
+    return "sendmail" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
 def test_ctr_8_sendmail_is_linked_when_the_package_has_it() -> None:
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    if "sendmail" not in scripts:
+    if not has_sendmail():
         pytest.skip("no `sendmail` console script in pyproject.toml yet (issue 12)")
     r = podman("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c",
                "test -x /usr/sbin/sendmail && readlink /usr/sbin/sendmail")
@@ -136,7 +140,17 @@ def test_ctr_1_2_6_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(wo
         assert b"hello through the container" in got.data
         # MTA_HOSTNAME from the README is the EHLO name the MX saw.
         assert mx.sessions[0].ehlo_names == ["relay.example.org"]
-        assert "Mail queue is empty" in box.exec("mta", "queue", "list").stdout
+        if has_sendmail():
+            # An application inside the container: /usr/sbin/sendmail -t -i, as cron or PHP call it.
+            sent = box.exec("/usr/sbin/sendmail", "-t", "-i", stdin=message("other@example.test").as_string())
+            assert sent.returncode == 0, sent.stderr
+            got = mx.wait_for_messages_blocking(2, timeout=15)[1]
+            assert got.rcpt_tos == ["other@example.test"]
+        # The MX's 250 comes before mta's state write: give the spool a moment to drain.
+        deadline = time.monotonic() + 10
+        while "Mail queue is empty" not in (listing := box.exec("mta", "queue", "list").stdout):
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.2)
         # The HTTP endpoint from the host: ready, and the message counted.
         status, body = http_get(http_port, "/readyz")
         assert (status, json.loads(body)) == (200, {"status": "ready"})
