@@ -129,13 +129,13 @@ def volume() -> Iterator[str]:
 
 
 def run_args(readme_run: list[str], *, volume_name: str, port: int, http_port: int,
-             extra_env: dict[str, str]) -> list[str]:
+             extra_env: dict[str, str], extra_args: tuple[str, ...] = ()) -> list[str]:
     """The README's `podman run ...` as `podman create` arguments for a test.
 
     Changed, and only these: no `-d`/`--name` (the test works by id), the volume name, the ports
     in MTA_LISTEN and MTA_HTTP_LISTEN (2525 and 8025 may be taken on a shared machine), the image
     name, the health timer off (no systemd here; `podman healthcheck run` runs the check), plus
-    the test's own variables.
+    the test's own variables and `extra_args`.
     """
     assert readme_run[:2] == ["podman", "run"], readme_run
     args = list(readme_run[2:])
@@ -164,4 +164,4 @@ def run_args(readme_run: list[str], *, volume_name: str, port: int, http_port: i
         out.append(a)
     for k, v in extra_env.items():
         out += ["-e", f"{k}={v}"]
-    return [*out, "--health-interval", "disable", IMAGE]
+    return [*out, *extra_args, "--health-interval", "disable", IMAGE]

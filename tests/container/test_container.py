@@ -75,14 +75,14 @@ def submit(port: int, source: str | None = None, to: str = "user@example.test") 
 
 
 @contextlib.contextmanager
-def quick_start(extra_env: dict[str, str], volume_name: str | None = None,
-                http_port: int | None = None) -> Iterator[tuple[Container, int]]:
+def quick_start(extra_env: dict[str, str], volume_name: str | None = None, http_port: int | None = None,
+                extra_args: tuple[str, ...] = ()) -> Iterator[tuple[Container, int]]:
     """The README's host-network `podman run`, on free ports, with its own volume unless given."""
     port = free_port()
     with contextlib.ExitStack() as stack:
         vol = volume_name or stack.enter_context(volume())
         args = run_args(readme_command("podman", "run", having="--network"), volume_name=vol, port=port,
-                        http_port=http_port or free_port(), extra_env=extra_env)
+                        http_port=http_port or free_port(), extra_env=extra_env, extra_args=extra_args)
         box = stack.enter_context(container(args, listen=("127.0.0.1", port)))
         yield box, port
 
@@ -177,8 +177,9 @@ def test_ctr_4_spool_volume_keeps_deferred_mail_across_a_restart(world: tuple[Fa
             [queued] = json.loads(box.exec("mta", "queue", "list", "--json").stdout)
             assert box.stop() == 0
             assert "mta[stopping]" in box.logs()
-        # A new container on the same volume (as after an image upgrade) still has the message ...
-        with quick_start(env, vol) as (box, port):
+        # A new container on the same volume (as after an image upgrade) still has the message, also
+        # with a read-only root file system and no /tmp (as deploy/kubernetes runs it) ...
+        with quick_start(env, vol, extra_args=("--read-only", "--read-only-tmpfs=false")) as (box, port):
             [again] = json.loads(box.exec("mta", "queue", "list", "--json").stdout)
             assert again["id"] == queued["id"]
             assert again["recipients"][0]["attempts"] >= 1
