@@ -384,6 +384,7 @@ ENV_KEYS: dict[str, str] = {
     "MTA_RELAYHOST": "delivery.relayhost",
     "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
     "MTA_NAMESERVERS": "dns.nameservers",
+    "MTA_HTTP_LISTEN": "http.listen",
 }
 _ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
 
