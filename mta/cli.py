@@ -109,7 +109,12 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from mta import preflight
     from mta.app import resume, serve
+
+    preflight.check(cfg)  # the same checks as check-config, before anything starts (issue 10 item 9)
+    for warning in config_mod.warnings(cfg):
+        log.event("config-warning", reason=warning)
 
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None
@@ -133,6 +138,11 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from mta import preflight
+
+    preflight.check(cfg)
+    for warning in config_mod.warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{cfg.source}: ok")
     return 0
 

@@ -93,10 +93,11 @@ class TlsMode(enum.Enum):
 class TlsRequiredError(TransientDeliveryError):
     """TLS was required (VERIFY) and this host could not provide it; never a reason to bounce."""
 
-    def __init__(self, result_type: str, reason: str) -> None:
+    def __init__(self, result_type: str, reason: str, local_address: str | None = None) -> None:
         super().__init__(SmtpReply(451, f"TLS required by policy: {reason}", "4.7.5"))
         self.result_type = result_type
         self.reason = reason
+        self.local_address = local_address  # our end of the refused session (RFC 8460 sending-mta-ip)
 
 
 @dataclass(frozen=True)
@@ -160,23 +161,25 @@ class SmtpSession:
         self.peer_size_limit = _size_limit(ext.get("size"))
         self.supports_8bitmime = "8bitmime" in ext
         self.supports_smtputf8 = "smtputf8" in ext
+        self.local_address = _local_address(smtp)  # RFC 8460 sending-mta-ip (issue 10 item 11)
         self.last_used = time.monotonic()
         self._usable = True
 
     # --- opening ------------------------------------------------------------------------------
     @classmethod
     async def open(cls, *, address: str, port: int, mx_host: str, helo_name: str, tls_mode: TlsMode,
-                   ca_file: str | None, timeouts: Timeouts) -> SmtpSession:
+                   ca_file: str | None, timeouts: Timeouts, bind: BindAddresses | None = None) -> SmtpSession:
         relay = f"{mx_host.rstrip('.')}[{address}]:{port}"
         try:
             ctx = verifying_context(ca_file) if tls_mode is TlsMode.VERIFY else opportunistic_context()
         except (OSError, ssl.SSLError) as exc:  # our own trust store is broken: not the MX's fault
             raise TransientDeliveryError(SmtpReply(451, f"cannot load CA file {ca_file}: {exc}", "4.7.5")) from exc
-        smtp = await _connect(address, port, relay, helo_name, timeouts)
+        bind = bind or BindAddresses()
+        smtp = await _connect(address, port, relay, helo_name, timeouts, bind)
         try:
             return await cls._secure(smtp, address=address, port=port, relay=relay, mx_host=mx_host,
                                      helo_name=helo_name, tls_mode=tls_mode, ctx=ctx, ca_file=ca_file,
-                                     timeouts=timeouts)
+                                     timeouts=timeouts, bind=bind)
         except asyncio.CancelledError:
             smtp.close()
             raise
@@ -184,38 +187,40 @@ class SmtpSession:
     @classmethod
     async def _secure(cls, smtp: aiosmtplib.SMTP, *, address: str, port: int, relay: str, mx_host: str,
                       helo_name: str, tls_mode: TlsMode, ctx: ssl.SSLContext, ca_file: str | None,
-                      timeouts: Timeouts) -> SmtpSession:
+                      timeouts: Timeouts, bind: BindAddresses) -> SmtpSession:
         """STARTTLS as the mode demands on a greeted connection (see the module docstring)."""
         offered = smtp.supports_extension("starttls")
+        local = _local_address(smtp)
         if not offered:
             if tls_mode is TlsMode.VERIFY:
                 await _quit(smtp, timeouts)  # STS-75: no MAIL FROM, just QUIT
-                raise TlsRequiredError("starttls-not-supported", f"{relay} does not offer STARTTLS")
+                raise TlsRequiredError("starttls-not-supported", f"{relay} does not offer STARTTLS", local)
             return cls(smtp, relay=relay, timeouts=timeouts, tls=None, starttls_offered=False)
         sni = reference_name(mx_host)  # STS-79: the MX name, A-labels, no trailing dot; never an IP
         if tls_mode is TlsMode.VERIFY and sni is None:
             await _quit(smtp, timeouts)
-            raise TlsRequiredError("validation-failure", f"{relay}: no host name to verify a certificate against")
+            raise TlsRequiredError("validation-failure", f"{relay}: no host name to verify a certificate against",
+                                   local)
         try:
             await smtp.starttls(server_hostname=sni, tls_context=ctx, timeout=timeouts.ehlo)
         except SMTPResponseException as exc:
             refused = f"STARTTLS refused: {_reply(exc.code, exc.message)}"
             if tls_mode is TlsMode.VERIFY:  # STS-92: a 4xx/5xx to STARTTLS counts as "not supported"
                 await _quit(smtp, timeouts)
-                raise TlsRequiredError("starttls-not-supported", f"{relay}: {refused}") from exc
+                raise TlsRequiredError("starttls-not-supported", f"{relay}: {refused}", local) from exc
             if not smtp.is_connected or not _is_refusal(exc.code):
                 # 421: the server hung up; an invalid reply: the connection's state is unknown.
                 smtp.close()
-                smtp = await _connect(address, port, relay, helo_name, timeouts)
+                smtp = await _connect(address, port, relay, helo_name, timeouts, bind)
             # Refused is reported like not offered (STS-92), so starttls_offered is False.
             return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=refused), starttls_offered=False)
         except (SMTPException, OSError, TimeoutError, ValueError) as exc:
             smtp.close()
             result_type, reason = _handshake_failure(exc)
             if tls_mode is TlsMode.VERIFY:
-                raise TlsRequiredError(result_type, f"{relay}: {reason}") from exc  # STS-76: no plaintext retry
+                raise TlsRequiredError(result_type, f"{relay}: {reason}", local) from exc  # STS-76: no plaintext retry
             # SMTP-16 decision: opportunistic TLS that fails is retried once, in plaintext, on a new connection.
-            smtp = await _connect(address, port, relay, helo_name, timeouts)
+            smtp = await _connect(address, port, relay, helo_name, timeouts, bind)
             return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=reason), starttls_offered=True)
         ssl_object = smtp.get_transport_info("ssl_object")
         if tls_mode is TlsMode.VERIFY:
@@ -229,8 +234,16 @@ class SmtpSession:
     async def login(self, username: str, password: str) -> None:
         """AUTH to a relay host; any failure is transient so the message stays queued.
 
-        On failure the connection is closed: the caller abandons the session.
+        On failure the connection is closed: the caller abandons the session. Credentials never
+        travel without TLS (issue 10 item 6; Postfix's `smtp_sasl_security_options = noplaintext`
+        default): a `relayhost_tls = "may"` session that ended up in plaintext (no STARTTLS offered,
+        refused, or the plaintext retry of a failed handshake, SMTP-16) is deferred with the reason.
         """
+        if self.tls is None or self.tls.version is None:
+            why = "it does not offer STARTTLS" if self.tls is None else f"TLS failed ({self.tls.error})"
+            await self.close()
+            raise TransientDeliveryError(SmtpReply(
+                451, f"{self.relay}: AUTH credentials are never sent without TLS, and {why}", "4.7.0"))
         try:
             await self._smtp.login(username, password, timeout=self.timeouts.ehlo)
         except SMTPResponseException as exc:
@@ -428,15 +441,40 @@ def _rcpt_reply(code: int, message: str) -> SmtpReply:
     return reply
 
 
-async def _connect(address: str, port: int, relay: str, helo_name: str, timeouts: Timeouts) -> aiosmtplib.SMTP:
+@dataclass(frozen=True)
+class BindAddresses:
+    """Local source addresses of outgoing connections ("" = the kernel's choice), as Postfix's
+    smtp_bind_address / smtp_bind_address6: hosts with several addresses need them for SPF and
+    reputation (issue 10 item 10)."""
+
+    ipv4: str = ""
+    ipv6: str = ""
+
+
+def _local_address(smtp: aiosmtplib.SMTP) -> str | None:
+    """Our IP address on this connection (getsockname), or None when it is gone."""
+    sockname = smtp.get_transport_info("sockname") if smtp.is_connected else None
+    return str(sockname[0]) if sockname else None
+
+
+async def _connect(address: str, port: int, relay: str, helo_name: str, timeouts: Timeouts,
+                   bind: BindAddresses) -> aiosmtplib.SMTP:
     """TCP connect, greeting and EHLO/HELO, each under its own timeout; failures are transient."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     except ValueError:
         raise TransientDeliveryError(SmtpReply(421, f"connect to {relay}: not an IP address", "4.4.1")) from None
+    source = bind.ipv6 if family == socket.AF_INET6 else bind.ipv4
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        if source:
+            try:
+                sock.bind((source, 0))
+            except OSError as exc:  # the address left this host since start-up: our problem, not the MX's
+                raise TransientDeliveryError(SmtpReply(
+                    451, f"connect to {relay}: cannot bind source address {source}: {exc.strerror}", "4.4.1"),
+                ) from None
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), timeouts.connect)
     except TimeoutError:
         sock.close()
