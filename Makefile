@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench conformance clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,15 @@ run: $(VENV)/.installed
 	$(BIN)/mta serve --config config.example.toml
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check mta tests bench
+	$(BIN)/ruff check mta tests bench tools
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check mta tests bench
+	$(BIN)/ruff check mta tests bench tools
+
+# Regenerate the tests column of docs/conformance.md from the suite (CI checks it is current).
+conformance: $(VENV)/.installed-test
+	$(BIN)/python tools/conformance.py
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/relay_bench.py

@@ -57,7 +57,7 @@ ACCEPTED: dict[str, Any] = {
 
 
 @pytest.mark.parametrize("case", list(ACCEPTED))
-def test_issue10_item9_every_config_check_config_accepts_starts_serve(tmp_path: Path, case: str) -> None:
+def test_issue10_item9_cfg_1_every_config_check_config_accepts_starts_serve(tmp_path: Path, case: str) -> None:
     files = _files(tmp_path)
     make = ACCEPTED[case]
     data = _example(tmp_path) if make is None else deep_merge(base_config(tmp_path), make(files))
@@ -90,7 +90,7 @@ REFUSED: dict[str, tuple[Any, str]] = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_issue10_item9_what_serve_refuses_check_config_refuses(tmp_path: Path, case: str) -> None:
+def test_issue10_item9_cfg_1_what_serve_refuses_check_config_refuses(tmp_path: Path, case: str) -> None:
     files = _files(tmp_path)
     extra, message = REFUSED[case]
     data = deep_merge(base_config(tmp_path), extra(files) if callable(extra) else extra)

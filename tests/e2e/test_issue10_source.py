@@ -12,7 +12,7 @@ from tests.support.world import World
 SOURCE = "127.0.0.77"
 
 
-def test_issue10_item10_item11_bind_address_is_peer_and_reported_sending_ip(world: World) -> None:
+def test_issue10_item10_item11_cfg_2_trust_3_bind_address_is_peer_and_reported_sending_ip(world: World) -> None:
     ok = world.mx_host("mx.ok.test", "127.0.0.31")
     world.domain("ok.test", [(10, "mx.ok.test")])
     bad = world.mx_host("mx.badname.test", "127.0.0.32", cert="wrong-name")

@@ -49,7 +49,7 @@ async def normal_submission(srv: Server, source: str) -> float:
 
 # --- item 8: scrypt off the event loop --------------------------------------------------------------
 
-async def test_issue10_item8_clients_served_while_auth_hashing_runs(make_server: Callable[..., Any],
+async def test_issue10_item8_lis_1_clients_served_while_auth_hashing_runs(make_server: Callable[..., Any],
                                                                    tmp_path: Path) -> None:
     users = tmp_path / "users"
     set_password(str(users), "alice", "s3cret")
@@ -88,7 +88,7 @@ async def test_issue10_item8_clients_served_while_auth_hashing_runs(make_server:
 
 # --- item 14: per-client cap and stress-mode idle timeouts -------------------------------------------
 
-async def test_issue10_item14_flood_and_slowloris_leave_room_for_others(make_server: Callable[..., Any]) -> None:
+async def test_issue10_item14_lis_2_flood_and_slowloris_leave_room_for_others(make_server: Callable[..., Any]) -> None:
     """Defaults (max_connections 200, 50 per client): 300 idle connections from 127.0.0.2 and 50
     slowloris from 127.0.0.3; a normal client from 127.0.0.4 still gets its 250 within seconds."""
     srv = await make_server(idle_timeout="30s")
@@ -113,7 +113,7 @@ async def test_issue10_item14_flood_and_slowloris_leave_room_for_others(make_ser
             c.close()
 
 
-async def test_issue10_item14_stress_mode_shortens_idle_timeouts(make_server: Callable[..., Any]) -> None:
+async def test_issue10_item14_lis_2_stress_mode_shortens_idle_timeouts(make_server: Callable[..., Any]) -> None:
     """Above 80% of max_connections idle clients are cut after stress_idle_timeout (not idle_timeout),
     so the slots turn over while a flood from many addresses lasts; below it nothing changes."""
     srv = await make_server(max_connections=50, max_connections_per_client=20, idle_timeout="30s",

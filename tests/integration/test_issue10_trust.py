@@ -54,7 +54,7 @@ async def _open(mx: FakeMx, pki: TestPki, mode: TlsMode = TlsMode.MAY, **kwargs:
 
 # --- item 6: AUTH credentials never travel without TLS ------------------------------------------------
 
-async def test_issue10_item6_no_auth_when_smarthost_offers_no_starttls(pki: TestPki, fake_mx: Any) -> None:
+async def test_issue10_item6_trust_1_no_auth_when_smarthost_offers_no_starttls(pki: TestPki, fake_mx: Any) -> None:
     mx = await fake_mx(credentials={"relay": "s3cret"})  # AUTH offered in plaintext, no STARTTLS
     session = await _open(mx, pki)
     with pytest.raises(TransientDeliveryError) as info:
@@ -66,7 +66,8 @@ async def test_issue10_item6_no_auth_when_smarthost_offers_no_starttls(pki: Test
     assert not rec.saw("AUTH") and rec.auth_user is None
 
 
-async def test_issue10_item6_no_auth_after_plaintext_retry_of_failed_handshake(pki: TestPki, fake_mx: Any) -> None:
+async def test_issue10_item6_trust_1_no_auth_after_plaintext_retry_of_failed_handshake(pki: TestPki,
+                                                                                     fake_mx: Any) -> None:
     mx = await fake_mx(tls_context=pki.leaf(MX).server_context(), broken_tls=True, credentials={"relay": "s3cret"})
     session = await _open(mx, pki)  # SMTP-16: the failed handshake is retried in plaintext
     assert session.tls is not None and session.tls.version is None
@@ -77,7 +78,7 @@ async def test_issue10_item6_no_auth_after_plaintext_retry_of_failed_handshake(p
     assert not any(s.saw("AUTH") for s in sessions)
 
 
-async def test_issue10_item6_auth_over_opportunistic_tls_still_works(pki: TestPki, fake_mx: Any) -> None:
+async def test_issue10_item6_trust_1_auth_over_opportunistic_tls_still_works(pki: TestPki, fake_mx: Any) -> None:
     mx = await fake_mx(tls_context=pki.leaf(MX).server_context(), credentials={"relay": "s3cret"})
     session = await _open(mx, pki)
     await session.login("relay", "s3cret")
@@ -85,7 +86,7 @@ async def test_issue10_item6_auth_over_opportunistic_tls_still_works(pki: TestPk
     assert mx.sessions[0].auth_user == "relay" and mx.sessions[0].starttls
 
 
-def test_issue10_item6_check_config_names_may_with_credentials(tmp_path: Path) -> None:
+def test_issue10_item6_trust_1_check_config_names_may_with_credentials(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("pw\n")
     data = {"queue": {"path": str(tmp_path / "q")},
@@ -136,7 +137,7 @@ def _der_chain(leaf: Leaf) -> list[bytes]:
     return [c.public_bytes(serialization.Encoding.DER) for c in certs]
 
 
-async def test_issue10_item7_report_verdict_equals_enforce_verdict(pki: TestPki) -> None:
+async def test_issue10_item7_trust_2_report_verdict_equals_enforce_verdict(pki: TestPki) -> None:
     ca_file = str(pki.ca_file)
     for kind, leaf in _leaves(pki).items():
         enforce = await _openssl_verdict(leaf, ca_file)
@@ -145,7 +146,8 @@ async def test_issue10_item7_report_verdict_equals_enforce_verdict(pki: TestPki)
     assert (await _openssl_verdict(_leaves(pki)["eku-client-only"], ca_file))[0] is False  # the case of item 7
 
 
-async def test_issue10_item7_testing_session_reports_client_only_certificate(pki: TestPki, fake_mx: Any) -> None:
+async def test_issue10_item7_trust_2_testing_session_reports_client_only_certificate(pki: TestPki,
+                                                                                   fake_mx: Any) -> None:
     leaf = pki.custom_leaf(MX, [MX], [CLIENT_AUTH])
     mx = await fake_mx(tls_context=leaf.server_context())
     session = await _open(mx, pki)  # testing mode: opportunistic TLS, checked after the fact
@@ -161,7 +163,7 @@ async def test_issue10_item7_testing_session_reports_client_only_certificate(pki
 
 # --- item 10: outgoing connections bind to delivery.bind_address ---------------------------------------
 
-async def test_issue10_item10_outgoing_connection_binds_source_address(pki: TestPki, fake_mx: Any) -> None:
+async def test_issue10_item10_cfg_2_outgoing_connection_binds_source_address(pki: TestPki, fake_mx: Any) -> None:
     mx = await fake_mx(tls_context=pki.leaf(MX).server_context())
     session = await _open(mx, pki, bind=BindAddresses(ipv4="127.0.0.77"))
     assert session.local_address == "127.0.0.77"
