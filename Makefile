@@ -36,3 +36,16 @@ bench: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# The container image (issue 19): tests/container/build.sh builds the Dockerfile with podman (and
+# installs podman, runc, debootstrap when missing: run as root), then the tests run it on loopback.
+# Apart from `make test`; CI runs it after. container-clean drops the image and the cached base.
+CONTAINER_IMAGE ?= localhost/mta:test
+.PHONY: container-test container-clean
+container-test: $(VENV)/.installed-test
+	MTA_CONTAINER_IMAGE=$(CONTAINER_IMAGE) bash tests/container/build.sh
+	MTA_CONTAINER_IMAGE=$(CONTAINER_IMAGE) $(BIN)/python -m pytest -q tests/container
+
+container-clean:
+	CONTAINERS_CONF=$(CURDIR)/tests/container/containers.conf podman rmi --ignore $(CONTAINER_IMAGE) \
+	    docker.io/library/debian:bookworm-slim

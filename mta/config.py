@@ -14,6 +14,7 @@ import math
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ class DeliveryConfig:
     command_timeout: float = field(default=300.0, metadata=_meta("duration"))
     data_timeout: float = field(default=600.0, metadata=_meta("duration"))
     connection_reuse_time: float = field(default=5.0, metadata=_meta("duration"))
+    unreachable_time: float = field(default=300.0, metadata=_meta("duration"))  # SMTP-37; 0s = off
+    attempt_timeout: float = field(default=900.0, metadata=_meta("duration"))  # DLV-1
     relayhost: str = ""
     relayhost_tls: str = "verify"
     relayhost_username: str = ""
@@ -149,6 +152,12 @@ class TlsRptConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    listen: str = ""  # host:port of the operations endpoint (metrics, health, queue API); empty = off
+    admin_token: str = ""  # Bearer token for /api; required off loopback, and enforced whenever set
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "text"
     level: str = "info"
@@ -164,6 +173,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata=_meta("internal"))
 
@@ -311,6 +321,8 @@ def _validate(cfg: Config) -> None:
             parse_hostport(d.relayhost)
         except ValueError:
             _fail(src, "delivery.relayhost", f"{d.relayhost!r} is not host:port")
+    if d.attempt_timeout <= 0:
+        _fail(src, "delivery.attempt_timeout", "must be more than 0s")
     if d.relayhost_tls not in ("verify", "may"):
         _fail(src, "delivery.relayhost_tls", f"{d.relayhost_tls!r} must be \"verify\" or \"may\"")
     if bool(d.relayhost_username) != bool(d.relayhost_password_file):
@@ -324,6 +336,16 @@ def _validate(cfg: Config) -> None:
             _fail(src, key, f"{value!r} is not an IPv{version} address")
     for name, mode in cfg.mta_sts.overrides.items():
         _check_override(src, f"mta_sts.overrides.{name}", mode)
+    if cfg.http.listen:
+        try:
+            host, _ = parse_hostport(cfg.http.listen)
+            ipaddress.ip_address(host)
+        except ValueError:
+            _fail(src, "http.listen", f"{cfg.http.listen!r} is not an IP:port address")
+    if cfg.http.admin_token and (len(cfg.http.admin_token) < 16 or not cfg.http.admin_token.isprintable()
+                                 or " " in cfg.http.admin_token):
+        # The value itself is never echoed: it is a secret.
+        _fail(src, "http.admin_token", "must be at least 16 printable characters without spaces")
     if cfg.log.format not in ("text", "json"):
         _fail(src, "log.format", f"{cfg.log.format!r} must be \"text\" or \"json\"")
     if cfg.log.level not in ("debug", "info", "warning", "error"):
@@ -373,8 +395,11 @@ def warnings(cfg: Config) -> list[str]:
     return out
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a config file; raises ConfigError with one clear line."""
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; raises ConfigError with one clear line.
+
+    With `environ` (the CLI passes os.environ), the MTA_* variables of ENV_KEYS override the file.
+    """
     p = Path(path)
     src = str(path)
     try:
@@ -387,6 +412,8 @@ def load(path: str | Path) -> Config:
         # ValueError covers TOMLDecodeError, UnicodeDecodeError and int()'s 4300-digit limit inside
         # tomllib; RecursionError comes from deeply nested arrays ("a = [[[[...").
         raise ConfigError(_one_line(f"{src}: invalid TOML: {exc}")) from None
+    if environ is not None:
+        data = _apply_env(data, env_overrides(environ))
     return from_dict(data, src, p.parent.resolve())
 
 
@@ -396,3 +423,55 @@ def from_dict(data: dict[str, Any], src: str = "<config>", base: Path | None = N
     cfg = dataclasses.replace(cfg, source=src)
     _validate(cfg)
     return cfg
+
+
+# Environment variables for the keys every deployment changes, so an orchestrator need not write a
+# file (issue 19, the container image). They are applied after the TOML load and win over the
+# file; documented beside their keys in config.example.toml. List values are comma-separated.
+ENV_KEYS: dict[str, str] = {
+    "MTA_HOSTNAME": "hostname",
+    "MTA_LISTEN": "submission.listen",
+    "MTA_RELAY_NETWORKS": "submission.relay_networks",
+    "MTA_RELAYHOST": "delivery.relayhost",
+    "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
+    "MTA_NAMESERVERS": "dns.nameservers",
+    "MTA_HTTP_LISTEN": "http.listen",
+}
+_ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """TOML-shaped data from the ENV_KEYS variables that are set (an empty value counts as set).
+
+    Each variable is validated on its own first, so a bad value names the variable and the key:
+    `$MTA_RELAY_NETWORKS: submission.relay_networks[0]: '10.0.0.0/33' is not a network`.
+    """
+    out: dict[str, Any] = {}
+    for var, key in ENV_KEYS.items():
+        if var not in environ:
+            continue
+        raw = environ[var].strip()
+        value: Any = [x for x in re.split(r"[,\s]+", raw) if x] if key in _ENV_LISTS else raw
+        section, _, name = key.rpartition(".")
+        piece = {section: {name: value}} if section else {name: value}
+        from_dict(piece, f"${var}")
+        out = _apply_env(out, piece)
+    return out
+
+
+def env_applied(environ: Mapping[str, str]) -> list[str]:
+    """The ENV_KEYS variables that are set, for `mta check-config` to show what overrode the file."""
+    return [var for var in ENV_KEYS if var in environ]
+
+
+def _apply_env(data: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for name, value in over.items():
+        if not isinstance(value, dict):
+            out[name] = value
+        elif name not in out:
+            out[name] = dict(value)
+        elif isinstance(out[name], dict):
+            out[name] = {**out[name], **value}
+        # else: the file has a non-table there; leave it so the error names the file's key.
+    return out

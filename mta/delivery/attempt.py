@@ -17,15 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mta import log
+from mta import log, metrics
 from mta.delivery.pool import ConnectionPool
-from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, is_address_literal, order_mx
+from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
 from mta.delivery.smtp_client import BindAddresses, SmtpSession, Timeouts, TlsMode, TlsRequiredError
-from mta.errors import DeliveryError, DnsError, DnsPermanentError, PermanentDeliveryError, TransientDeliveryError
+from mta.delivery.unreachable import UnreachableHosts
+from mta.errors import (
+    DeliveryError,
+    DnsError,
+    DnsPermanentError,
+    HostUnreachableError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 from mta.model import SmtpReply
 from mta.net.dns import Resolver
 from mta.spool.state import DELIVERED_OUTCOME, PERMANENT, TRANSIENT, Outcome
@@ -64,6 +73,8 @@ class AttemptContext:
     relayhost_auth: tuple[str, str] | None = None
     rng: random.Random = field(default_factory=random.Random)
     bind: BindAddresses = field(default_factory=BindAddresses)  # delivery.bind_address(6)
+    unreachable: UnreachableHosts | None = None  # SMTP-37: shared by every attempt of the process
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass
@@ -76,6 +87,7 @@ class _Attempt:
     errors: list[str] = field(default_factory=list)
     policy_errors: list[str] = field(default_factory=list)
     mx_mismatch: set[str] = field(default_factory=set)  # testing mode: hosts outside the policy (STS-84)
+    discovery_failure: Any = None  # StsError of a failed policy discovery, reported with each session
     any_transient: bool = False
 
     @property
@@ -93,16 +105,16 @@ async def _lookup_policy(ctx: AttemptContext, domain: str, att: _Attempt) -> Non
     if ctx.sts is None:
         return
     result = await ctx.sts.get_policy(domain)
+    metrics.sts_lookup(result.source, failed=result.failure is not None or result.reason.startswith("txt-dns-error"))
     att.policy_domain = domain
     if result.source == "override":
         # Operators must see every delivery where their override replaced the published policy.
         log.event("policy", domain=domain, sts_mode=result.policy.mode if result.policy else "none",
                   reason="operator override from [mta_sts.overrides]")
-    if result.failure is not None:
-        # STS-91: a discovery failure is reportable (fetch error / invalid / webpki).
-        ctx.recorder.record(policy_domain=domain, policy=result.policy, success=False,
-                            result_type=result.failure.result_type, mx_host=None, receiving_ip=None,
-                            reason=str(result.failure))
+    # STS-91: a discovery failure is reportable (fetch error / invalid / webpki). RFC 8460 counts
+    # sessions, so it is not a session of its own: each session of this attempt carries it (issue
+    # 10 item 12), also when several deliveries share one lookup (STS-88).
+    att.discovery_failure = result.failure
     if result.policy is not None and result.policy.mode != "none":
         att.policy = result.policy
         att.sts_note = f"MTA-STS policy of {domain} ({result.policy.mode}, id {result.txt_id}, {result.source})"
@@ -150,7 +162,7 @@ async def deliver_domain(ctx: AttemptContext, domain: str, rcpts: Sequence[str],
             candidates = order_mx(answer_or_exc, ctx.hostname, ctx.rng)
         except PermanentDeliveryError as exc:
             return _all(rcpts, PERMANENT, exc.reply, att)
-    verdicts = filter_mx(att.policy, [c.host for c in candidates])
+    verdicts = cap_hosts(filter_mx(att.policy, [c.host for c in candidates]))  # filter, then cap (SMTP-11)
     hosts: list[tuple[str, list[str] | None, bool]] = []
     for v in verdicts:
         if not v.allowed:
@@ -217,6 +229,7 @@ async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: T
         return session
     session = await SmtpSession.open(address=address, port=port, mx_host=host, helo_name=ctx.hostname,
                                      tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts, bind=ctx.bind)
+    metrics.tls_session(session.tls.version if session.tls else None, bool(session.tls and session.tls.verified))
     if ctx.relayhost_auth:
         await session.login(*ctx.relayhost_auth)
     return session
@@ -227,6 +240,13 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
                        eight_bit: bool, smtputf8: bool) -> dict[str, Outcome] | str | None:
     """Outcomes when this address settled the recipients; "next-host" or None to go on."""
     relay = f"{host}[{address}]:{port}"
+    down = ctx.unreachable
+    if down is not None and down.skipped((address, port), ctx.clock()):
+        # SMTP-37: no connect timeout per message for a dead host; a deferral, never a bounce.
+        wait = down.remaining((address, port), ctx.clock())
+        att.errors.append(f"{relay}: skipped for {wait:.0f} s more, it refused or timed out recently")
+        att.any_transient = True
+        return None
     try:
         session = await _open(ctx, host, address, port, mode)
     except TlsRequiredError as exc:
@@ -238,11 +258,17 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
     except DeliveryError as exc:
         att.errors.append(f"{relay}: {exc.reply}")
         att.any_transient = True
+        if down is not None and isinstance(exc, HostUnreachableError):
+            down.mark((address, port), ctx.clock())
         return None
+    if down is not None:
+        down.forget((address, port))
     verdict = check_tls(att.policy, session.starttls_offered, session.tls)
     result_type, reason = verdict.result_type, verdict.reason
     if result_type is None and host in att.mx_mismatch:
         result_type, reason = "validation-failure", "sts-mx-mismatch"  # testing mode: delivered, but reported
+    if result_type is None and att.discovery_failure is not None:
+        result_type, reason = att.discovery_failure.result_type, str(att.discovery_failure)
     # One record per session; sessions without a policy are kept only with record_all_sessions.
     ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=result_type is None,
                         result_type=result_type, mx_host=host, receiving_ip=address, reason=reason,
