@@ -246,10 +246,12 @@ async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, 
         # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
         SpoolStore(cfg.queue.path).prepare()
     relay = Relay(cfg, store)
-    await relay.start(child, resumed, resume_seconds)
+    # Handlers before start: the listener (child) accepts before "started" is logged, and a
+    # SIGTERM in between must still mean a clean stop (exit 0), not death by signal.
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await relay.start(child, resumed, resume_seconds)
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(relay.child_gone.wait())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:
