@@ -24,6 +24,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from mta.config import Config, SubmissionConfig, parse_hostport
+from mta.dkim.signer import Signer
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.auth import load_users
@@ -185,7 +186,8 @@ def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
 def build_listeners(cfg: Config, store: SpoolStore, on_accept: Callable[[MessageMeta], None]) -> Listeners:
     """The submission listeners of `cfg`, spooling into `store` and reporting each accepted message."""
     users = load_users(cfg.submission.users_file) if cfg.submission.users_file else {}
-    handler = SubmissionHandler(cfg.submission, cfg.hostname, store, on_accept, users)
+    signer = Signer.from_config(cfg) if cfg.dkim.enabled else None
+    handler = SubmissionHandler(cfg.submission, cfg.hostname, store, on_accept, users, signer)
     return Listeners(cfg.submission, cfg.hostname, handler)
 
 
@@ -201,8 +203,12 @@ class Listeners:
         self.tls_context = server_tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         self.servers: list[asyncio.Server] = []
 
-    def _factory(self, implicit_tls: bool) -> SMTP:
-        return RelaySMTP(
+    def protocol(self, cls: type[RelaySMTP] | None = None) -> SMTP:
+        """One plain SMTP protocol object with this listener's limits (`sendmail -bs` runs one on stdio)."""
+        return self._factory(False, cls or RelaySMTP)
+
+    def _factory(self, implicit_tls: bool, cls: type[RelaySMTP] | None = None) -> SMTP:
+        return (cls or RelaySMTP)(
             self.handler,
             self.limits,
             hostname=self.hostname,
