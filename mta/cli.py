@@ -2,7 +2,7 @@
 
     mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
         | dkim keygen|check | sendmail
-Every command takes --config F (default: config.toml). Exit codes: 0 ok, 1 error, 2 usage.
+Every command takes --config F (default: $MTA_CONFIG, else config.toml). Exit codes: 0 ok, 1 error, 2 usage.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import getpass
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -141,7 +142,8 @@ def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from mta.dkim.keys import load_keys
 
     load_keys(cfg.dkim, cfg.source)  # unreadable, wrong-type or too short DKIM keys (DKIM-3)
-    print(f"{cfg.source}: ok")
+    applied = config_mod.env_applied(os.environ)
+    print(f"{cfg.source}: ok" + (f" (overridden by {', '.join(applied)})" if applied else ""))
     return 0
 
 
@@ -167,7 +169,9 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mta", description="Outbound SMTP relay that enforces MTA-STS")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default="config.toml", help="configuration file (TOML)")
+    # MTA_CONFIG: a container or unit file names the config once for every command (issue 19).
+    common.add_argument("--config", default=os.environ.get("MTA_CONFIG") or "config.toml",
+                        help="configuration file (TOML); default $MTA_CONFIG, else config.toml")
     common.add_argument("--log-format", choices=("text", "json"), help="override [log] format")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the relay").set_defaults(func=cmd_serve)
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "raw", None):
         return int(args.raw(args))
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(args.config, os.environ)
         if args.log_format:
             cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, format=args.log_format))
         log.configure(cfg.log.format, cfg.log.level)

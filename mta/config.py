@@ -14,6 +14,7 @@ import math
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,8 +399,11 @@ def _validate_dkim(cfg: Config) -> None:
                   "RFC 8460 §5.3 requires report mails to be DKIM-signed: add a [[dkim.keys]] table for it")
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a config file; raises ConfigError with one clear line."""
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; raises ConfigError with one clear line.
+
+    With `environ` (the CLI passes os.environ), the MTA_* variables of ENV_KEYS override the file.
+    """
     p = Path(path)
     src = str(path)
     try:
@@ -412,6 +416,8 @@ def load(path: str | Path) -> Config:
         # ValueError covers TOMLDecodeError, UnicodeDecodeError and int()'s 4300-digit limit inside
         # tomllib; RecursionError comes from deeply nested arrays ("a = [[[[...").
         raise ConfigError(_one_line(f"{src}: invalid TOML: {exc}")) from None
+    if environ is not None:
+        data = _apply_env(data, env_overrides(environ))
     return from_dict(data, src, p.parent.resolve())
 
 
@@ -421,3 +427,54 @@ def from_dict(data: dict[str, Any], src: str = "<config>", base: Path | None = N
     cfg = dataclasses.replace(cfg, source=src)
     _validate(cfg)
     return cfg
+
+
+# Environment variables for the keys every deployment changes, so an orchestrator need not write a
+# file (issue 19, the container image). They are applied after the TOML load and win over the
+# file; documented beside their keys in config.example.toml. List values are comma-separated.
+ENV_KEYS: dict[str, str] = {
+    "MTA_HOSTNAME": "hostname",
+    "MTA_LISTEN": "submission.listen",
+    "MTA_RELAY_NETWORKS": "submission.relay_networks",
+    "MTA_RELAYHOST": "delivery.relayhost",
+    "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
+    "MTA_NAMESERVERS": "dns.nameservers",
+}
+_ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """TOML-shaped data from the ENV_KEYS variables that are set (an empty value counts as set).
+
+    Each variable is validated on its own first, so a bad value names the variable and the key:
+    `$MTA_RELAY_NETWORKS: submission.relay_networks[0]: '10.0.0.0/33' is not a network`.
+    """
+    out: dict[str, Any] = {}
+    for var, key in ENV_KEYS.items():
+        if var not in environ:
+            continue
+        raw = environ[var].strip()
+        value: Any = [x for x in re.split(r"[,\s]+", raw) if x] if key in _ENV_LISTS else raw
+        section, _, name = key.rpartition(".")
+        piece = {section: {name: value}} if section else {name: value}
+        from_dict(piece, f"${var}")
+        out = _apply_env(out, piece)
+    return out
+
+
+def env_applied(environ: Mapping[str, str]) -> list[str]:
+    """The ENV_KEYS variables that are set, for `mta check-config` to show what overrode the file."""
+    return [var for var in ENV_KEYS if var in environ]
+
+
+def _apply_env(data: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for name, value in over.items():
+        if not isinstance(value, dict):
+            out[name] = value
+        elif name not in out:
+            out[name] = dict(value)
+        elif isinstance(out[name], dict):
+            out[name] = {**out[name], **value}
+        # else: the file has a non-table there; leave it so the error names the file's key.
+    return out

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from mta import log
 from mta.delivery.pool import ConnectionPool
-from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, is_address_literal, order_mx
+from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
 from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
 from mta.errors import DeliveryError, DnsError, DnsPermanentError, PermanentDeliveryError, TransientDeliveryError
 from mta.model import SmtpReply
@@ -74,6 +74,7 @@ class _Attempt:
     errors: list[str] = field(default_factory=list)
     policy_errors: list[str] = field(default_factory=list)
     mx_mismatch: set[str] = field(default_factory=set)  # testing mode: hosts outside the policy (STS-84)
+    discovery_failure: Any = None  # StsError of a failed policy discovery, reported with each session
     any_transient: bool = False
 
     @property
@@ -96,11 +97,10 @@ async def _lookup_policy(ctx: AttemptContext, domain: str, att: _Attempt) -> Non
         # Operators must see every delivery where their override replaced the published policy.
         log.event("policy", domain=domain, sts_mode=result.policy.mode if result.policy else "none",
                   reason="operator override from [mta_sts.overrides]")
-    if result.failure is not None:
-        # STS-91: a discovery failure is reportable (fetch error / invalid / webpki).
-        ctx.recorder.record(policy_domain=domain, policy=result.policy, success=False,
-                            result_type=result.failure.result_type, mx_host=None, receiving_ip=None,
-                            reason=str(result.failure))
+    # STS-91: a discovery failure is reportable (fetch error / invalid / webpki). RFC 8460 counts
+    # sessions, so it is not a session of its own: each session of this attempt carries it (issue
+    # 10 item 12), also when several deliveries share one lookup (STS-88).
+    att.discovery_failure = result.failure
     if result.policy is not None and result.policy.mode != "none":
         att.policy = result.policy
         att.sts_note = f"MTA-STS policy of {domain} ({result.policy.mode}, id {result.txt_id}, {result.source})"
@@ -148,7 +148,7 @@ async def deliver_domain(ctx: AttemptContext, domain: str, rcpts: Sequence[str],
             candidates = order_mx(answer_or_exc, ctx.hostname, ctx.rng)
         except PermanentDeliveryError as exc:
             return _all(rcpts, PERMANENT, exc.reply, att)
-    verdicts = filter_mx(att.policy, [c.host for c in candidates])
+    verdicts = cap_hosts(filter_mx(att.policy, [c.host for c in candidates]))  # filter, then cap (SMTP-11)
     hosts: list[tuple[str, list[str] | None, bool]] = []
     for v in verdicts:
         if not v.allowed:
@@ -240,6 +240,8 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
     result_type, reason = verdict.result_type, verdict.reason
     if result_type is None and host in att.mx_mismatch:
         result_type, reason = "validation-failure", "sts-mx-mismatch"  # testing mode: delivered, but reported
+    if result_type is None and att.discovery_failure is not None:
+        result_type, reason = att.discovery_failure.result_type, str(att.discovery_failure)
     # One record per session; sessions without a policy are kept only with record_all_sessions.
     ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=result_type is None,
                         result_type=result_type, mx_host=host, receiving_ip=address, reason=reason)

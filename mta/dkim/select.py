@@ -10,6 +10,7 @@ Anything else goes out unsigned, and the decision says why (for the log line).
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -37,12 +38,21 @@ def _a_label(domain: str) -> str:
         return domain
 
 
+# `a@b.example` or `Name <a@b.example>` with nothing unusual: most From: fields, read without the
+# full RFC 5322 parser (which costs more than the Ed25519 signature itself).
+_SIMPLE_FROM = re.compile(r"\s*(?:[A-Za-z0-9 ._-]*<[A-Za-z0-9._+-]+@([A-Za-z0-9.-]+)>"
+                          r"|[A-Za-z0-9._+-]+@([A-Za-z0-9.-]+))\s*")
+
+
 def from_domain(from_values: Sequence[str]) -> tuple[str | None, str]:
     """The domain of the single From: address, or (None, why there is none)."""
     if not from_values:
         return None, "no From: field"
     if len(from_values) > 1:
         return None, "several From: fields"
+    simple = _SIMPLE_FROM.fullmatch(from_values[0])
+    if simple:
+        return _a_label(simple.group(1) or simple.group(2)), ""
     addresses = [a for _name, a in email.utils.getaddresses(list(from_values)) if a]
     if not addresses:
         return None, "no address in From:"

@@ -56,8 +56,9 @@ def split_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
 
 def relaxed_header(name: bytes, value: bytes) -> bytes:
     """RFC 6376 §3.4.2: lower-case name, unfold, runs of WSP to one SP, no WSP around the colon or at the end."""
-    value = _WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
-    return name.strip(b" \t").lower() + b":" + value
+    if b"\t" in value or b"  " in value or b"\r\n" in value:  # the common single-spaced field skips the regex
+        value = _WSP_RUN.sub(b" ", value.replace(b"\r\n", b""))
+    return name.strip(b" \t").lower() + b":" + value.strip(b" ")
 
 
 def relaxed_body(body: bytes) -> bytes:
@@ -92,15 +93,18 @@ def signed_names(fields: Sequence[tuple[bytes, bytes]], headers: Sequence[str], 
 
 def _select(fields: Sequence[tuple[bytes, bytes]], names: Sequence[str]) -> list[tuple[bytes, bytes]]:
     """RFC 6376 §5.4.2: the n-th use of a name in h= takes its n-th instance from the bottom."""
+    bottom_up: dict[str, list[tuple[bytes, bytes]]] = {}
+    for field in reversed(fields):
+        if field[0]:
+            bottom_up.setdefault(field[0].strip(b" \t").decode("ascii", "replace").lower(), []).append(field)
     used: dict[str, int] = {}
     out: list[tuple[bytes, bytes]] = []
-    lowered = [n.strip(b" \t").decode("ascii", "replace").lower() if n else "" for n, _ in fields]
     for name in names:
         skip = used.get(name, 0)
         used[name] = skip + 1
-        matches = [i for i in range(len(fields) - 1, -1, -1) if lowered[i] == name]
-        if skip < len(matches):
-            out.append(fields[matches[skip]])
+        instances = bottom_up.get(name, ())
+        if skip < len(instances):
+            out.append(instances[skip])
     return out
 
 
@@ -140,11 +144,12 @@ def signature_field(key: LoadedKey, fields: Sequence[tuple[bytes, bytes]], body_
 
 
 def sign(message: bytes, keys: Sequence[LoadedKey], *, headers: Sequence[str], oversign: Sequence[str],
-         now: float) -> bytes:
-    """`message` (CRLF line ends) with one DKIM-Signature per key in front; unchanged when `keys` is empty."""
+         now: float, split: tuple[list[tuple[bytes, bytes]], bytes] | None = None) -> bytes:
+    """`message` (CRLF line ends) with one DKIM-Signature per key in front; unchanged when `keys` is empty.
+    `split`: split_message(message), when the caller has it already."""
     if not keys:
         return message
-    fields, body = split_message(message)
+    fields, body = split or split_message(message)
     body_hash = hashlib.sha256(relaxed_body(body)).digest()
     names = signed_names(fields, headers, oversign)
     return b"".join(signature_field(k, fields, body_hash, names, now) for k in keys) + message

@@ -49,12 +49,12 @@ class Signer:
         """Sign a message accepted for relay when its From: domain has a key (select.py)."""
         if not self.enabled:
             return Signed(message, "")
-        fields, _body = sign.split_message(message)
-        froms = [_field_text(v) for n, v in fields if n.strip(b" \t").lower() == b"from"]
+        split = sign.split_message(message)
+        froms = [_field_text(v) for n, v in split[0] if n.strip(b" \t").lower() == b"from"]
         choice = select.choose_keys(froms, self.keys)
         if not choice.keys:
             return Signed(message, f"unsigned: {choice.reason}")
-        return self._sign(message, choice.keys, self.headers, now)
+        return self._sign(message, choice.keys, self.headers, now, split)
 
     def sign_report(self, message: bytes, reporting_domain: str, now: float) -> Signed:
         """Sign a TLS report mail with the key of the reporting domain (RFC 8460 §5.3, RPT-18)."""
@@ -63,6 +63,7 @@ class Signer:
             return Signed(message, f"unsigned: {choice.reason}")
         return self._sign(message, choice.keys, self.headers + REPORT_HEADERS, now)
 
-    def _sign(self, message: bytes, keys: Sequence[LoadedKey], headers: Sequence[str], now: float) -> Signed:
-        data = sign.sign(message, keys, headers=headers, oversign=self.oversign, now=now)
+    def _sign(self, message: bytes, keys: Sequence[LoadedKey], headers: Sequence[str], now: float,
+              split: tuple[list[tuple[bytes, bytes]], bytes] | None = None) -> Signed:
+        data = sign.sign(message, keys, headers=headers, oversign=self.oversign, now=now, split=split)
         return Signed(data, " ".join(f"{k.domain}/{k.selector}" for k in keys))

@@ -203,7 +203,7 @@ def run(cfg_path: str, argv: Sequence[str]) -> int:
         print(f"sendmail: {exc}\n{USAGE}", file=sys.stderr)
         return EX_USAGE
     try:
-        cfg = config_mod.load(cfg_path)
+        cfg = config_mod.load(cfg_path, os.environ)  # the MTA_* overrides apply as for every command
         log.configure(cfg.log.format, "info" if opts.verbose else "warning")
         if opts.mode == "queue":
             from mta.cli import cmd_queue_list
@@ -238,7 +238,7 @@ def run(cfg_path: str, argv: Sequence[str]) -> int:
 def mta_main(argv: Sequence[str]) -> int:
     """`mta sendmail [--config F] [flags] [rcpt...]` (--config first, like every mta command)."""
     rest: list[str] = []
-    cfg_path = "config.toml"
+    cfg_path = os.environ.get("MTA_CONFIG") or "config.toml"
     items = iter(argv)
     for arg in items:
         if arg == "--config":

@@ -46,7 +46,7 @@ def dst(world: World) -> Any:
     return mx
 
 
-def test_sendmail_php_t_i_while_serve_runs_is_delivered_at_once(world: World, dst: Any) -> None:
+def test_sendmail_1_2_3_5_php_t_i_while_serve_runs_is_delivered_at_once(world: World, dst: Any) -> None:
     """SENDMAIL-1/5: PHP's `sendmail -t -i`: recipients from To:, a lone "." is text, From: added from
     the login name; a running server delivers it without waiting for a retry or a restart."""
     relay = world.relay()
@@ -63,7 +63,7 @@ def test_sendmail_php_t_i_while_serve_runs_is_delivered_at_once(world: World, ds
     assert b"\r\n" in m.data and b"\n" not in m.data.replace(b"\r\n", b"")
 
 
-def test_sendmail_cron_flags_keep_from_and_take_bcc_out(world: World, dst: Any) -> None:
+def test_sendmail_1_2_cron_flags_keep_from_and_take_bcc_out(world: World, dst: Any) -> None:
     """SENDMAIL-1/2: cron's `-FCronDaemon -i -odi -oem -oi -t`; Bcc recipients get the mail but not the field."""
     relay = world.relay()
     mail = CRON_MAIL.replace(b"To: ops@dst.test\n", b"To: ops@dst.test\nBcc: audit@dst.test\n")
@@ -74,7 +74,7 @@ def test_sendmail_cron_flags_keep_from_and_take_bcc_out(world: World, dst: Any) 
     assert m.data.count(b"\r\nFrom: ") + m.data.startswith(b"From: ") == 1 and b"(Cron Daemon)" in m.data
 
 
-def test_sendmail_stores_while_serve_is_down_and_serve_delivers_at_start(world: World, dst: Any) -> None:
+def test_sendmail_3_4_5_stores_while_serve_is_down_and_serve_delivers_at_start(world: World, dst: Any) -> None:
     """SENDMAIL-5: no server running: the message waits in the spool (`-bp` lists it), the next start sends it."""
     config = write_config(world.tmp, world.config())
     no_t = b"From: App <app@src.test>\nSubject: report\n\nnumbers\n.\nignored after the dot\n"
@@ -91,7 +91,7 @@ def test_sendmail_stores_while_serve_is_down_and_serve_delivers_at_start(world: 
     assert b"From: App <app@src.test>" in m.data and b"Not Used" not in m.data
 
 
-def test_sendmail_bs_runs_smtp_on_a_pipe(world: World, dst: Any) -> None:
+def test_sendmail_1_bs_runs_smtp_on_a_pipe(world: World, dst: Any) -> None:
     """SENDMAIL-1: `-bs`: SMTP on stdin/stdout (pipelined, as scripts write it), accepted like the listener."""
     relay = world.relay()
     dialogue = (b"EHLO app.local\r\nMAIL FROM:<app@src.test>\r\nRCPT TO:<dave@dst.test>\r\nDATA\r\n"
@@ -131,7 +131,7 @@ def test_sendmail_6_unusable_spool_and_config(tmp_path: Path, world: World) -> N
     assert missing.returncode == 78 and "cannot read" in missing.stderr.decode()  # EX_CONFIG
 
 
-def test_dkim_smtp_and_sendmail_mail_arrive_signed_and_verified(world: World, dst: Any) -> None:
+def test_dkim_1_4_5_7_smtp_and_sendmail_mail_arrive_signed_and_verified(world: World, dst: Any) -> None:
     """Issue 12's done criterion: one message over SMTP, one via `sendmail -t -i`, both reach the MX with
     an RSA and an Ed25519 signature (dual, DKIM-4) that dkimpy verifies against the published keys."""
     rsa = make_key(world.tmp / "keys", "src.test", "mta2026")
@@ -156,7 +156,7 @@ def test_dkim_smtp_and_sendmail_mail_arrive_signed_and_verified(world: World, ds
     assert accepted[0]["dkim"] == "src.test/mta2026 src.test/ed2026"
 
 
-def test_sendmail_bs_input_ending_mid_data_accepts_nothing(world: World) -> None:
+def test_sendmail_1_bs_input_ending_mid_data_accepts_nothing(world: World) -> None:
     """SENDMAIL-1: a pipe closed before the final "." is no message: 421 at the end, nothing stored."""
     config = write_config(world.tmp, world.config())
     dialogue = b"HELO app\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\nDATA\r\nSubject: cut\r\n\r\nhalf"

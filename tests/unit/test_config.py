@@ -121,7 +121,7 @@ _KEY = '[[dkim.keys]]\ndomain = "{domain}"\nselector = "s1"\nkey_file = "k.pem"\
     ('[[dkim.keys]]\ndomain = "example.org"\nselector = "s1"', "config.toml: dkim.keys[0].key_file: a PEM private key file is required"),
     ('[dkim]\nheaders = ["From", "Bad Name"]', "config.toml: dkim.headers[1]: 'Bad Name' is not a header field name"),
 ])
-def test_rpt_18_dkim_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+def test_issue10_item13_rpt_18_dkim_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load_text(tmp_path, text)
     assert str(exc.value).replace(str(tmp_path / "config.toml"), "config.toml") == message

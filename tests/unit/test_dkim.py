@@ -38,7 +38,7 @@ def test_dkim_5_which_keys_sign(froms: list[str], signers: list[str], reason: st
     assert [k.name for k in choice.keys] == signers and choice.reason == reason
 
 
-def test_rfc6376_3_4_5_relaxed_example() -> None:
+def test_dkim_2_rfc6376_3_4_5_relaxed_example() -> None:
     """DKIM-2: the worked example of RFC 6376 §3.4.5."""
     message = b"A: X\r\nB : Y\t\r\n\tZ  \r\n\r\n C \r\nD \t E\r\n\r\n\r\n"
     fields, body = sign.split_message(message)
@@ -91,3 +91,16 @@ def test_record_matching() -> None:
     assert keys.record_matches("v=DKIM1; p=A; p=B", a)[1] == "record is malformed: duplicate tag p="
     with pytest.raises(ValueError, match="bits"):
         keys.generate("rsa-sha256", 512)
+
+
+@pytest.mark.parametrize("value", ["a@b.example", " Name <a@b.example> ", "J. R. Doe <j.r+x@Mail.B.example>",
+                                   "a@b.example (comment)", '"Doe, J" <j@b.example>', "<a@b.example>",
+                                   "Jörg <j@b.example>", "a@b.example.", "x <a@b.example", "a @b.example"])
+def test_dkim_5_fast_from_parse_agrees_with_the_email_package(value: str) -> None:
+    """select.py reads plain From: fields with a regex; it must give what email.utils gives."""
+    import email.utils
+
+    addresses = [a for _n, a in email.utils.getaddresses([value]) if a]
+    expected = addresses[0].rpartition("@")[2].lower().rstrip(".") if len(addresses) == 1 else None
+    got, _why = select.from_domain([value])
+    assert got == (expected or None)
