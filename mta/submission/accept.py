@@ -14,6 +14,7 @@ loop never waits on either, and a message costs a single thread hop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from mta.errors import MtaError
 from mta.spool.state import MessageMeta
 from mta.spool.store import SUBMISSION_RESERVE, SpoolStore, make_meta
 from mta.submission.headers import add_submission_headers, normalise_line_ends
+
+_log = logging.getLogger("mta.submission")
 
 
 class MessageTooBig(MtaError):
@@ -60,8 +63,12 @@ class Acceptor:
         """Steps 3 and 4, blocking: sign, write durably, log `accepted`. Raises SpoolError."""
         note = ""
         if self.signer is not None:
-            signed = self.signer.sign_submission(data, now)
-            data, note = signed.data, signed.note
+            try:
+                signed = self.signer.sign_submission(data, now)
+                data, note = signed.data, signed.note
+            except Exception as exc:  # a signing bug must never stop mail: it goes out unsigned, logged
+                _log.exception("dkim: signing failed; the message goes out unsigned")
+                note = f"unsigned: signing failed ({type(exc).__name__})"
         meta = make_meta(sender=sub.sender, recipients=list(sub.recipients), data=data, now=now, client=sub.client,
                          eight_bit=not data.isascii(), smtputf8=sub.smtputf8)
         # The reserve keeps room for the state and DSNs of mail already accepted (README "Spool").
