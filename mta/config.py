@@ -165,6 +165,12 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    listen: str = ""  # host:port of the operations endpoint (metrics, health, queue API); empty = off
+    admin_token: str = ""  # Bearer token for /api; required off loopback, and enforced whenever set
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "text"
     level: str = "info"
@@ -181,6 +187,7 @@ class Config:
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata=_meta("internal"))
 
@@ -344,6 +351,16 @@ def _validate(cfg: Config) -> None:
     for name, mode in cfg.mta_sts.overrides.items():
         if mode not in ("none", "testing", "enforce") and not mode.startswith("version: STSv1"):
             _fail(src, f"mta_sts.overrides.{name}", f"{mode!r} must be none, testing, enforce or a policy text")
+    if cfg.http.listen:
+        try:
+            host, _ = parse_hostport(cfg.http.listen)
+            ipaddress.ip_address(host)
+        except ValueError:
+            _fail(src, "http.listen", f"{cfg.http.listen!r} is not an IP:port address")
+    if cfg.http.admin_token and (len(cfg.http.admin_token) < 16 or not cfg.http.admin_token.isprintable()
+                                 or " " in cfg.http.admin_token):
+        # The value itself is never echoed: it is a secret.
+        _fail(src, "http.admin_token", "must be at least 16 printable characters without spaces")
     if cfg.log.format not in ("text", "json"):
         _fail(src, "log.format", f"{cfg.log.format!r} must be \"text\" or \"json\"")
     if cfg.log.level not in ("debug", "info", "warning", "error"):
@@ -439,6 +456,7 @@ ENV_KEYS: dict[str, str] = {
     "MTA_RELAYHOST": "delivery.relayhost",
     "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
     "MTA_NAMESERVERS": "dns.nameservers",
+    "MTA_HTTP_LISTEN": "http.listen",
 }
 _ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
 

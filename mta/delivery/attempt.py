@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mta import log
+from mta import log, metrics
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
 from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
@@ -92,6 +92,7 @@ async def _lookup_policy(ctx: AttemptContext, domain: str, att: _Attempt) -> Non
     if ctx.sts is None:
         return
     result = await ctx.sts.get_policy(domain)
+    metrics.sts_lookup(result.source, failed=result.failure is not None or result.reason.startswith("txt-dns-error"))
     att.policy_domain = domain
     if result.source == "override":
         # Operators must see every delivery where their override replaced the published policy.
@@ -215,6 +216,7 @@ async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: T
         return session
     session = await SmtpSession.open(address=address, port=port, mx_host=host, helo_name=ctx.hostname,
                                      tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts)
+    metrics.tls_session(session.tls.version if session.tls else None, bool(session.tls and session.tls.verified))
     if ctx.relayhost_auth:
         await session.login(*ctx.relayhost_auth)
     return session

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_ANY = object()  # `put` without `expected`: only the fetch-time order counts
+ANY = object()  # `put` without `expected`: only the fetch-time order counts
 TOUCH_WRITE_INTERVAL = 60.0  # seconds between disk writes of last_used_at for one domain
 
 _SCHEMA = """
@@ -112,7 +112,7 @@ class PolicyCache:
         """Every damaged row seen by the last load: domain -> why it could not be read."""
         return dict(self._damaged)
 
-    async def put(self, entry: CacheEntry, expected: CacheEntry | object | None = _ANY) -> bool:
+    async def put(self, entry: CacheEntry, expected: CacheEntry | object | None = ANY) -> bool:
         """Store `entry` unless that would roll back a newer one; True if it was stored.
 
         `expected` is the entry the caller's decision was based on (None: there was none). The
@@ -153,6 +153,10 @@ class PolicyCache:
         if domain in self._entries and now - self._last_used_written.get(domain, float("-inf")) >= TOUCH_WRITE_INTERVAL:
             self._last_used_written[domain] = now
             await self._run(self._write_last_used, domain, now)
+
+    def size(self) -> int:
+        """How many policies are cached (in memory; 0 before the first lookup loads the file)."""
+        return len(self._entries)
 
     def last_used(self, domain: str) -> float | None:
         """When mail last went to `domain` (None if never, as far as this cache knows)."""
@@ -256,7 +260,7 @@ class PolicyCache:
                 self._conn = None
 
 
-def supersedes(new: CacheEntry, current: CacheEntry | None, expected: CacheEntry | object | None = _ANY) -> bool:
+def supersedes(new: CacheEntry, current: CacheEntry | None, expected: CacheEntry | object | None = ANY) -> bool:
     """Whether writing `new` over `current` is allowed (compare-and-set, issue 10 item 2).
 
     Allowed when nothing is cached, when `current` is still the `expected` entry the writer
@@ -266,7 +270,7 @@ def supersedes(new: CacheEntry, current: CacheEntry | None, expected: CacheEntry
     """
     if current is None:
         return True
-    if expected is not _ANY:
+    if expected is not ANY:
         return current == expected or new.fetched_at > current.fetched_at
     return new.fetched_at >= current.fetched_at
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from mta.errors import DnsError, DnsPermanentError, MtaError, StsError, StsRecordError
 from mta.net.dns import Resolver, to_ascii
-from mta.sts.cache import PolicyCache
+from mta.sts.cache import ANY, PolicyCache
 from mta.sts.decide import (
     Action,
     CacheEntry,
@@ -196,7 +196,9 @@ class StsService:
             return PolicyResult(name, None, txt_id, "none", reason, exc)  # STS-37
         self._failed.pop((dialect, name), None)
         entry = after_fetch_success(name, txt_id, policy, self.clock())
-        await self._store(entry, expected=cached)
+        # A successful fetch is the newest state there is: stored unless an entry from a later
+        # fetch is already there (fetch-time order), whichever dialect was cached before.
+        await self._store(entry)
         return PolicyResult(name, policy, txt_id, "fetched", "fetched")
 
     async def _txt(
@@ -239,7 +241,8 @@ class StsService:
             log.error("MTA-STS %s; %s", damage, _applies(name, entry))
         return entry
 
-    async def _store(self, entry: CacheEntry, expected: CacheEntry | None) -> None:
+    async def _store(self, entry: CacheEntry, expected: CacheEntry | object | None = ANY) -> None:
+        """Write `entry`; `expected` makes it a compare-and-set against that snapshot (item 2)."""
         try:
             stored = await self.cache.put(entry, expected)
         except MtaError as exc:

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mta import log
+from mta import log, metrics
 from mta.config import SubmissionConfig
 from mta.dkim.signer import Signer
 from mta.errors import SpoolError
@@ -184,6 +184,8 @@ class SubmissionHandler:
             if "full" in str(exc):
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Temporary local problem, try again later"
+        # `accepted` is logged by the acceptor (the same line for SMTP and sendmail).
+        metrics.message_received(getattr(server, "listener", "smtp"))
         self.on_accept(meta)
         return f"250 2.0.0 Ok: queued as {meta.id}"
 

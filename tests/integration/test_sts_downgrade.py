@@ -98,6 +98,8 @@ async def test_issue10_item1_reports_fetch_failure_and_successful_rfc_fetch_repl
     replaced = await sts.get_policy(DOMAIN)
     assert (replaced.source, mode_of(replaced), replaced.txt_id) == ("fetched", "testing", "R2")
     assert replaced.policy is not None and replaced.policy.dialect == "rfc8461"
+    entry = await sts.cache.get(DOMAIN)  # the RFC policy replaced the draft one in the cache too
+    assert entry is not None and (entry.txt_id, entry.policy.dialect) == ("R2", "rfc8461")
 
 
 @pytest.mark.req("SEED-S2", "STS-60")
