@@ -101,6 +101,8 @@ class DeliveryConfig:
     command_timeout: float = field(default=300.0, metadata=_meta("duration"))
     data_timeout: float = field(default=600.0, metadata=_meta("duration"))
     connection_reuse_time: float = field(default=5.0, metadata=_meta("duration"))
+    unreachable_time: float = field(default=300.0, metadata=_meta("duration"))  # SMTP-37; 0s = off
+    attempt_timeout: float = field(default=900.0, metadata=_meta("duration"))  # DLV-1
     relayhost: str = ""
     relayhost_tls: str = "verify"
     relayhost_username: str = ""
@@ -344,6 +346,8 @@ def _validate(cfg: Config) -> None:
             parse_hostport(d.relayhost)
         except ValueError:
             _fail(src, "delivery.relayhost", f"{d.relayhost!r} is not host:port")
+    if d.attempt_timeout <= 0:
+        _fail(src, "delivery.attempt_timeout", "must be more than 0s")
     if d.relayhost_tls not in ("verify", "may"):
         _fail(src, "delivery.relayhost_tls", f"{d.relayhost_tls!r} must be \"verify\" or \"may\"")
     if bool(d.relayhost_username) != bool(d.relayhost_password_file):

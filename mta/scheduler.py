@@ -27,10 +27,11 @@ CTL_POLL = 0.25  # seconds between looks at ctl/ (flush acts on a running serve 
 
 class Scheduler:
     def __init__(self, store: SpoolStore, deliver: Callable[[str], Awaitable[float | None]], concurrency: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, on_flush: Callable[[], None] | None = None) -> None:
         self.store = store
         self.deliver = deliver
         self.clock = clock
+        self.on_flush = on_flush  # e.g. forget unreachable hosts: a flush overrides that delay (SMTP-37)
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._inflight: set[str] = set()
@@ -100,6 +101,8 @@ class Scheduler:
             if op == "new":
                 self._schedule_new(qid)
                 continue
+            if op == "flush" and self.on_flush is not None:
+                self.on_flush()
             ids = [qid] if qid else list(self._due) if op == "flush" else self.store.ids()
             for one in ids:
                 if one in self._inflight:
