@@ -145,7 +145,11 @@ class Relay:
             self.store.lock()
         started = time.monotonic() - resume_seconds  # recovery may have run before the fork
         if resumed is None:
-            resumed = await asyncio.to_thread(resume, self.store)
+            def guarded() -> list[tuple[str, float]]:
+                with self.store.writers_excluded():  # no `sendmail` writes during the scan
+                    return resume(self.store)
+
+            resumed = await asyncio.to_thread(guarded)
         for qid, due in resumed:
             if due is None:
                 self.scheduler.held.add(qid)

@@ -2,7 +2,7 @@
 
 Rule (issue 10 item 9): `mta check-config` and `mta serve` run this same function, so a
 configuration check-config accepts is one serve can start with: the files the config names
-(relay host password, AUTH users, listener certificate, CA bundle, DKIM key) are read and
+(relay host password, AUTH users, listener certificate, CA bundle, DKIM keys) are read and
 parsed, and the outgoing bind addresses are bound once. Problems raise ConfigError naming the
 key; `config.warnings` lists accepted-but-risky settings.
 """
@@ -54,8 +54,9 @@ def check(cfg: Config) -> None:
             ssl.create_default_context(cafile=cfg.tls.ca_file)
         except (OSError, ssl.SSLError) as exc:
             _fail(cfg, "tls.ca_file", f"cannot load {cfg.tls.ca_file}: {exc}")
-    if cfg.tlsrpt.dkim_key_file:
-        _read(cfg, "tlsrpt.dkim_key_file", cfg.tlsrpt.dkim_key_file)
+    from mta.dkim.keys import load_keys
+
+    load_keys(cfg.dkim, cfg.source)  # unreadable, wrong-type or too short DKIM keys (DKIM-3)
     for key, address, family in (("delivery.bind_address", d.bind_address, socket.AF_INET),
                                  ("delivery.bind_address6", d.bind_address6, socket.AF_INET6)):
         if address:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from mta.submission.auth import hash_password
+from tests.support.dkim import make_key
 from tests.support.pki import TestPki
 from tests.support.relay import RelayProcess, base_config, deep_merge, dump_toml, free_port, run_cli
 
@@ -31,9 +32,9 @@ def _files(tmp: Path) -> dict[str, str]:
     leaf = pki.leaf("relay.test")
     (tmp / "secret").write_text("s3cret\n")
     (tmp / "users").write_text(f"alice:{hash_password('pw')}\n")
-    (tmp / "dkim.pem").write_bytes(leaf.key_path.read_bytes())
+    dkim = make_key(tmp / "dkim", "relay.test", "s", "ed25519-sha256")
     return {"cert": str(leaf.cert_path), "key": str(leaf.key_path), "ca": str(pki.ca_file),
-            "secret": str(tmp / "secret"), "users": str(tmp / "users"), "dkim": str(tmp / "dkim.pem")}
+            "secret": str(tmp / "secret"), "users": str(tmp / "users"), "dkim": str(dkim.path)}
 
 
 PINNED = "version: STSv1\nmode: enforce\nmx: mx.pinned.example\nmax_age: 86400\n"
@@ -48,8 +49,9 @@ ACCEPTED: dict[str, Any] = {
     "starttls-auth-users": lambda f: {"submission": {"tls_cert": f["cert"], "tls_key": f["key"],
                                                      "users_file": f["users"]}, "tls": {"ca_file": f["ca"]}},
     "tlsrpt-dkim": lambda f: {"tlsrpt": {"enabled": True, "contact_info": "t@relay.test",
-                                         "report_sender": "r@relay.test", "dkim_selector": "s",
-                                         "dkim_key_file": f["dkim"]}},
+                                         "report_sender": "r@relay.test"},
+                              "dkim": {"keys": [{"domain": "relay.test", "selector": "s", "key_file": f["dkim"],
+                                                 "algorithm": "ed25519-sha256"}]}},
     "bind-address-one-process": lambda f: {"delivery": {"bind_address": "127.0.0.77"},
                                            "submission": {"separate_process": False,
                                                           "max_connections_per_client": 5}},
@@ -86,6 +88,8 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "broken-users-file": (lambda f: {"submission": {"users_file": f["cert"]}}, "submission.users_file:"),
     "unusable-tls-cert": (lambda f: {"submission": {"tls_cert": f["users"], "tls_key": f["users"]}},
                           "submission.tls_cert: cannot load"),
+    "unusable-dkim-key": (lambda f: {"dkim": {"keys": [{"domain": "relay.test", "selector": "s",
+                                                        "key_file": f["users"]}]}}, "dkim.keys[0].key_file"),
 }
 
 

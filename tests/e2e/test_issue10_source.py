@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 
+from tests.support.dkim import make_key
 from tests.support.relay import run_cli
 from tests.support.world import World
 
@@ -22,7 +23,8 @@ def test_issue10_item10_item11_cfg_2_trust_3_bind_address_is_peer_and_reported_s
     data = world.config(delivery={"bind_address": SOURCE},
                         tlsrpt={"enabled": True, "contact_info": "tlsrpt@relay.test",
                                 "report_sender": "reports@relay.test",
-                                "db_path": str(world.tmp / "queue" / "tlsrpt.db")})
+                                "db_path": str(world.tmp / "queue" / "tlsrpt.db")},
+                        dkim={"keys": [make_key(world.tmp / "dkim", "relay.test", "s", "ed25519-sha256").config()]})
     relay = world.relay(data)
     world.submit(relay, ["bob@ok.test"])
     world.submit(relay, ["bob@badname.test"])
