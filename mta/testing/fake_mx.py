@@ -53,7 +53,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from tests.support.loop_thread import LoopThread
+from mta.testing.loop_thread import LoopThread
 
 USER_UNKNOWN = "550 5.1.1 no such user"
 MAILBOX_FULL = "452 4.2.2 mailbox full"

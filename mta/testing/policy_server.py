@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
 
-from tests.support.loop_thread import LoopThread
-from tests.support.pki import Leaf, TestPki
+from mta.testing.loop_thread import LoopThread
+from mta.testing.pki import Leaf, TestPki
 
 TXT_PATH = "/.well-known/mta-sts.txt"
 JSON_PATH = "/.well-known/mta-sts.json"  # draft-03 (SEED-S2)

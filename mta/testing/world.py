@@ -22,11 +22,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tests.support.fake_dns import FakeDns
-from tests.support.fake_mx import FakeMx
-from tests.support.pki import TestPki
-from tests.support.policy_server import PolicyServer
-from tests.support.relay import RelayProcess, base_config, deep_merge, listen_address, write_config
+from mta.testing.fake_dns import FakeDns
+from mta.testing.fake_mx import FakeMx
+from mta.testing.pki import TestPki
+from mta.testing.policy_server import PolicyServer
+from mta.testing.relay import RelayProcess, base_config, deep_merge, listen_address, write_config
 
 POLICY_ADDRESS = "127.0.0.80"
 
