@@ -74,6 +74,11 @@ class ReceivedMessage:
     sni: str | None
     received_at: float = field(default_factory=time.time)  # comparable with other processes' clocks
 
+    @property
+    def content(self) -> bytes:
+        """The message bytes as received (the public name in mta.testing, KIT-1)."""
+        return self.data
+
 
 @dataclass
 class MxSession:

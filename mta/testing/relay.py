@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -127,6 +128,33 @@ class RelayProcess:
                 self.kill()
                 raise AssertionError("relay did not start:\n" + self.log_text()) from None
         return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the submission listener."""
+        return listen_address(self.data)
+
+    def submit(self, mail_from: str, rcpt_tos: list[str], content: bytes) -> str:
+        """Submit one message over SMTP; returns its queue id. Any refusal raises AssertionError."""
+        host, port = self.address
+        with smtplib.SMTP(host, port, timeout=10) as s:
+            s.ehlo()
+            code, msg = s.mail(mail_from)
+            assert code == 250, ("MAIL", code, msg)
+            for r in rcpt_tos:
+                code, msg = s.rcpt(r)
+                assert code == 250, ("RCPT", r, code, msg)
+            code, msg = s.data(content)
+            assert code == 250, ("DATA", code, msg)
+            return msg.decode().rsplit(" ", 1)[-1]
+
+    def queue(self) -> list[dict[str, Any]]:
+        """The spool as `mta queue list --json` shows it."""
+        done = run_cli(self.config, "queue", "list", "--json")
+        if done.returncode != 0:
+            raise AssertionError(f"mta queue list failed ({done.returncode}): {done.stderr}")
+        out: list[dict[str, Any]] = json.loads(done.stdout)
+        return out
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,12 +1,16 @@
-"""The test world for end-to-end scenarios: DNS, MX hosts, policy hosts and the relay, all on loopback.
+"""A simulated Internet on loopback: DNS, MX hosts, MTA-STS policy hosts and the relay (KIT-1).
 
     world = World(tmp_path)                      # DNS on 127.0.0.53, a test CA
-    mx = world.mx_host("mx1.dst.test", "127.0.0.21")          # STARTTLS with a valid certificate
+    mx = world.mx_host("mx1.dst.test")           # STARTTLS with a valid certificate, next 127.0.0.x
     world.domain("dst.test", [(10, "mx1.dst.test")])
     world.sts("dst.test", "enforce", ["mx1.dst.test"], txt_id="1")
     relay = world.relay()                         # a real `mta serve` subprocess
-    ... submit with smtplib/aiosmtplib to relay.address ...
-    world.close()
+    qid = relay.submit("alice@src.test", ["bob@dst.test"], b"Subject: hi\r\n\r\nhello\r\n")
+    [msg] = mx.wait_for_messages(1, timeout=10)
+    world.close()                                 # the `mta_world` fixture does this for you
+
+Everything is unprivileged (KIT-2): high ports on 127.0.0.x, nothing written outside `tmp`, no
+system resolver changes; the relay is pointed at this DNS server and CA by its config.
 
 Every MX host listens on the same port (the relay's `delivery.smtp_port`) at its own 127.0.0.x
 address; every `mta-sts.<domain>` name resolves to one HTTPS policy server that picks the
@@ -17,18 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import random
-import smtplib
+import signal
 import socket
 from pathlib import Path
 from typing import Any
 
-from mta.testing.fake_dns import FakeDns
-from mta.testing.fake_mx import FakeMx
+from mta.testing.fake_dns import FakeDns, Zone
+from mta.testing.fake_mx import FakeMx, ReceivedMessage
 from mta.testing.pki import TestPki
 from mta.testing.policy_server import PolicyServer
-from mta.testing.relay import RelayProcess, base_config, deep_merge, listen_address, write_config
+from mta.testing.relay import RelayProcess, base_config, deep_merge, write_config
 
 POLICY_ADDRESS = "127.0.0.80"
+SENDER_MX_ADDRESS = "127.0.0.20"
+#: MX hosts without an explicit address get the next free one of these (all share `smtp_port`).
+MX_ADDRESSES = tuple(f"127.0.0.{i}" for i in range(21, 40))
+CERT_CHOICES = ("valid", "expired", "untrusted", "wrong-name", "cn-only", None)
 
 
 def _free_port_on(addresses: list[str]) -> int:
@@ -49,27 +57,61 @@ def _free_port_on(addresses: list[str]) -> int:
     raise RuntimeError("no free port")
 
 
+class WorldMx(FakeMx):
+    """A FakeMx running in its own thread, with a blocking `wait_for_messages` for sync tests."""
+
+    def wait_for_messages(self, n: int, timeout: float = 5.0) -> list[ReceivedMessage]:  # type: ignore[override]
+        """Block (bounded) until at least `n` messages arrived; TimeoutError otherwise."""
+        return self.wait_for_messages_blocking(n, timeout)
+
+
 class World:
-    def __init__(self, tmp: Path) -> None:
+    """The simulated Internet; see the module docstring. `mta_world` is a fresh one per test."""
+
+    def __init__(self, tmp: Path, zone: Zone | None = None) -> None:
         self.tmp = tmp
-        self.pki = TestPki(tmp / "pki")
-        self.dns = FakeDns(host="127.0.0.53").start()
-        self.smtp_port = _free_port_on([f"127.0.0.{i}" for i in range(20, 40)])
         self.mxs: dict[str, FakeMx] = {}
-        self.policy = PolicyServer(self.pki, POLICY_ADDRESS, port=_free_port_on([POLICY_ADDRESS]))
-        self.policy.start_in_thread()
+        self._servers: list[FakeMx] = []
         self.relays: list[RelayProcess] = []
-        # The senders' domain, so DSNs have somewhere to go.
-        self.sender_mx = self.mx_host("mx.src.test", "127.0.0.20")
-        self.domain("src.test", [(10, "mx.src.test")])
+        self.pki = TestPki(tmp / "pki")
+        # zone: e.g. a signed zone for DNSSEC/DANE tests; a plain Zone otherwise.
+        self.dns = FakeDns(zone=zone, host="127.0.0.53").start()
+        try:
+            self.smtp_port = _free_port_on([SENDER_MX_ADDRESS, *MX_ADDRESSES])
+            self.policy = PolicyServer(self.pki, POLICY_ADDRESS, port=_free_port_on([POLICY_ADDRESS]))
+            self.policy.start_in_thread()
+            # The senders' domain, so DSNs have somewhere to go.
+            self.sender_mx = self.mx_host("mx.src.test", SENDER_MX_ADDRESS)
+            self.domain("src.test", [(10, "mx.src.test")])
+        except BaseException:
+            self.close()  # KIT-3: nothing half-started outlives a failed start
+            raise
 
     @property
     def zone(self) -> Any:
         return self.dns.zone
 
-    def mx_host(self, name: str, address: str, *, cert: str | None = "valid", **behaviour: Any) -> FakeMx:
-        """A receiving MX named `name` on `address` (A record added). cert: valid, expired, untrusted,
-        wrong-name, cn-only, or None for no STARTTLS."""
+    @property
+    def ca_file(self) -> Path:
+        """PEM of the CA every "valid" certificate in this world chains to (the relay trusts it)."""
+        return self.pki.ca_file
+
+    def _next_address(self) -> str:
+        used = {mx.address for mx in self._servers}
+        for address in MX_ADDRESSES:
+            if address not in used:
+                return address
+        raise RuntimeError(f"all {len(MX_ADDRESSES)} MX addresses are in use; pass address= explicitly")
+
+    def mx_host(self, name: str, address: str | None = None, *, cert: str | None = "valid",
+                **behaviour: Any) -> WorldMx:
+        """A receiving MX named `name` (A record added) on `address` (default: the next free 127.0.0.x).
+
+        cert: "valid", "expired", "untrusted", "wrong-name", "cn-only", or None for no STARTTLS.
+        `behaviour`: FakeMx knobs (replies, rcpt_replies, greeting, stall_at, ...)."""
+        if cert not in CERT_CHOICES:
+            raise ValueError(f"mx_host cert={cert!r}: expected one of {CERT_CHOICES}")
+        address = address or self._next_address()
         ctx = None
         if cert == "valid":
             ctx = self.pki.leaf(name).server_context()
@@ -81,19 +123,22 @@ class World:
             ctx = self.pki.leaf("other." + name).server_context()
         elif cert == "cn-only":
             ctx = self.pki.cn_only_leaf(name).server_context()
-        mx = FakeMx(address, port=self.smtp_port, hostname=name, tls_context=ctx, **behaviour)
+        mx = WorldMx(address, port=self.smtp_port, hostname=name, tls_context=ctx, **behaviour)
         mx.start_in_thread()
         self.mxs[name] = mx
+        self._servers.append(mx)  # a name given twice replaces the lookup, but both get stopped
         self.zone.add(name, "A", address)
         return mx
 
     def domain(self, domain: str, mx: list[tuple[int, str]]) -> None:
+        """Add MX records for `domain`: [(preference, host)]; [(0, ".")] publishes a null MX (RFC 7505)."""
         for pref, host in mx:
-            self.zone.add(domain, "MX", f"{pref} {host}.")
+            self.zone.add(domain, "MX", f"{pref} {host if host.endswith('.') else host + '.'}")
 
     def sts(self, domain: str, mode: str, patterns: list[str], *, txt_id: str = "1", max_age: int = 86400,
             cert: str = "valid", **behaviour: Any) -> None:
-        """Publish `_mta-sts.<domain>` and the policy at `mta-sts.<domain>`."""
+        """Publish `_mta-sts.<domain>` (id `txt_id`) and the policy (mode, mx `patterns`, `max_age`) at
+        https://mta-sts.<domain>/.well-known/mta-sts.txt; `cert`: that host's certificate kind."""
         self.zone.remove(f"_mta-sts.{domain}", "TXT")
         self.zone.add(f"_mta-sts.{domain}", "TXT", f'"v=STSv1; id={txt_id}"')
         self.zone.remove(f"mta-sts.{domain}", "A")
@@ -111,34 +156,32 @@ class World:
         })
         return deep_merge(data, extra)
 
-    def relay(self, data: dict[str, Any] | None = None, name: str = "config.toml") -> RelayProcess:
-        data = data or self.config()
-        relay = RelayProcess(write_config(self.tmp, data, name), data).start()
-        self.relays.append(relay)
-        return relay
+    def relay(self, config: dict[str, Any] | None = None, name: str = "config.toml") -> RelayProcess:
+        """Start a real `mta serve` wired to this world; `config`: TOML keys merged over `config()`."""
+        data = deep_merge(self.config(), config or {})
+        relay = RelayProcess(write_config(self.tmp, data, name), data)
+        self.relays.append(relay)  # before start: close() stops it even if waiting for it fails
+        return relay.start()
 
     @staticmethod
     def submit(relay: RelayProcess, rcpts: list[str], *, sender: str = "alice@src.test",
                body: bytes = b"Subject: test\r\n\r\nhello\r\n") -> str:
-        host, port = listen_address(relay.data)
-        with smtplib.SMTP(host, port, timeout=10) as s:
-            s.ehlo()
-            s.mail(sender)
-            for r in rcpts:
-                code, msg = s.rcpt(r)
-                assert code == 250, (code, msg)
-            code, msg = s.data(body)
-            assert code == 250, (code, msg)
-            return msg.decode().rsplit(" ", 1)[-1]
+        return relay.submit(sender, rcpts, body)
 
     def close(self) -> None:
+        """Stop every relay, MX, the policy host and DNS (idempotent; the fixture calls it, KIT-3)."""
+        for relay in self.relays:  # SIGTERM to all first: several relays drain side by side
+            if relay.proc is not None and relay.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    relay.proc.send_signal(signal.SIGTERM)
         for relay in self.relays:
             with contextlib.suppress(Exception):
                 relay.stop(timeout=10)
             relay.kill()
-        for mx in self.mxs.values():
+        for mx in self._servers:
             with contextlib.suppress(Exception):
                 mx.stop_thread()
-        with contextlib.suppress(Exception):
-            self.policy.stop_thread()
+        if hasattr(self, "policy"):
+            with contextlib.suppress(Exception):
+                self.policy.stop_thread()
         self.dns.stop()

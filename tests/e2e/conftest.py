@@ -1,19 +1,13 @@
-"""Fixtures for end-to-end scenarios: a whole test world on loopback."""
+"""Fixtures for end-to-end scenarios: a whole test world on loopback (mta.testing, issue 16)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from tests.support.world import World
+from mta.testing.world import World
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
-    try:
-        yield w
-    finally:
-        w.close()
+def world(mta_world: World) -> World:
+    """The suite's older name for the public `mta_world` fixture: one implementation, not two."""
+    return mta_world
