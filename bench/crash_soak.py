@@ -32,18 +32,23 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--powercut", action="store_true", help="cut the power (FUSE) at every kill")
     ap.add_argument("--writeback", type=float, default=0.0, help="chance an unflushed page survives a cut")
+    ap.add_argument("--keep", type=Path, help="run in this folder and keep it (logs, spool) for a post-mortem")
     ap.add_argument("--unsafe-skip-fsync", choices=["dir", "file"], help="control: spool without that flush")
     args = ap.parse_args()
     if args.unsafe_skip_fsync:
         os.environ["MTA_UNSAFE_SKIP_FSYNC"] = args.unsafe_skip_fsync  # inherited by `mta serve`
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_soak(Path(tmp), args.rounds, seed=args.seed, clients=args.clients, drain_timeout=300,
+        where = args.keep or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        result = run_soak(where, args.rounds, seed=args.seed, clients=args.clients, drain_timeout=300,
                           powercut=args.powercut, writeback=args.writeback)
     print(result.line() + f" unexplained_duplicates={result.unexplained_duplicates}"
           f" seconds={time.monotonic() - started:.0f}")
     if result.leftovers:
         print("leftovers:", result.leftovers)
+    if result.lost_ids:
+        print("lost queue ids:", " ".join(result.lost_ids))
     return 1 if result.lost or result.leftovers or result.unexplained_duplicates else 0
 
 
