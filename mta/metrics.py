@@ -95,6 +95,18 @@ def _clean(value: str | None, allowed: Iterable[str], default: str = "other") ->
     return value if value is not None and value in allowed else default
 
 
+# ----- on/off -------------------------------------------------------------------------------------
+
+_enabled = True
+
+
+def set_enabled(flag: bool) -> None:
+    """`mta serve` without `[http] listen` has no one to export to: counting is switched off and
+    every hook below returns at once (the with/without cost is in the README's Performance)."""
+    global _enabled
+    _enabled = flag
+
+
 # ----- forwarding from the listener child -------------------------------------------------------
 
 _forward: Callable[[str], None] | None = None
@@ -137,6 +149,8 @@ def apply_forwarded(text: str) -> None:
 
 def _add(metric: Counter | Gauge, labels: tuple[str, ...], amount: float = 1.0) -> None:
     global _flush_scheduled
+    if not _enabled:
+        return
     if _forward is None:
         metric.labels(*labels).inc(amount)
         return
@@ -185,6 +199,8 @@ def delivery(result: str, sts_mode: str | None, policy: str | None = None) -> No
 def attempt_finished(seconds: float, outcome_kinds: Iterable[str]) -> None:
     """One attempt for one domain: delivered if any recipient was, else bounced if any was
     refused permanently, else deferred."""
+    if not _enabled:
+        return
     kinds = set(outcome_kinds)
     result = "delivered" if "delivered" in kinds else "bounced" if "permanent" in kinds else "deferred"
     ATTEMPT_SECONDS.labels(result).observe(seconds)
