@@ -7,7 +7,8 @@
 scrapes /metrics every second during the run, as an impatient Prometheus would; at the end the
 delivered counter must equal N.
 
-Prints one line: mode, N, submission rate, end-to-end rate, submission p50/p99, MX sessions.
+Prints one line: mode, N, submission rate, end-to-end rate, submission p50/p99, MX sessions, and
+the CPU time of the relay's processes per message (steadier than rates on a busy machine).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiosmtplib
 
+from bench.procstat import tree_cpu
 from tests.support.ops import scrape
 from tests.support.relay import free_port, listen_address
 from tests.support.world import World
@@ -87,11 +89,13 @@ def main() -> int:
 
             if scraper:
                 scraper.start()
+            cpu0 = tree_cpu(relay.proc.pid)  # type: ignore[union-attr]
             t0 = time.monotonic()
             asyncio.run(run())
             t1 = time.monotonic()
             mx.wait_for_messages_blocking(len(latencies), timeout=600)
             t2 = time.monotonic()
+            cpu = tree_cpu(relay.proc.pid) - cpu0  # type: ignore[union-attr]
             counted = ""
             if scraper:
                 scraper.stop()
@@ -102,7 +106,7 @@ def main() -> int:
             n = len(latencies)
             print(f"mode={args.mode} tlsrpt={args.tlsrpt} N={n} submit={n / (t1 - t0):.0f}/s e2e={n / (t2 - t0):.0f}/s "
                   f"p50={latencies[n // 2] * 1000:.1f}ms p99={latencies[int(n * 0.99)] * 1000:.1f}ms "
-                  f"sessions={len(mx.sessions)} metrics={args.metrics}{counted}")
+                  f"sessions={len(mx.sessions)} cpu_ms_per_msg={cpu * 1000 / n:.2f} metrics={args.metrics}{counted}")
         finally:
             world.close()
     return 0
