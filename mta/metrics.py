@@ -89,6 +89,7 @@ def _init_series() -> None:
 
 
 _init_series()
+_HISTOGRAMS = {result: ATTEMPT_SECONDS.labels(result) for result in RESULTS}
 
 
 def _clean(value: str | None, allowed: Iterable[str], default: str = "other") -> str:
@@ -110,6 +111,7 @@ def set_enabled(flag: bool) -> None:
 # ----- forwarding from the listener child -------------------------------------------------------
 
 _forward: Callable[[str], None] | None = None
+_children: dict[tuple[Counter | Gauge, tuple[str, ...]], Any] = {}
 _pending: dict[tuple[str, tuple[str, ...]], float] = {}
 _flush_scheduled = False
 FORWARD_PREFIX = "M "
@@ -141,8 +143,9 @@ def apply_forwarded(text: str) -> None:
         items = json.loads(text)
         for name, labels, amount in items:
             metric = _BY_NAME[name]
-            child = metric.labels(*labels)
-            child.inc(float(amount))
+            if not isinstance(labels, list) or len(labels) != len(metric._labelnames):  # type: ignore[attr-defined]
+                raise ValueError(f"{name}: wrong labels {labels!r}")
+            _add(metric, tuple(str(v) for v in labels), float(amount))
     except (ValueError, TypeError, KeyError) as exc:
         _log.error("ignoring a malformed metrics line from the listener process: %s", exc)
 
@@ -152,7 +155,12 @@ def _add(metric: Counter | Gauge, labels: tuple[str, ...], amount: float = 1.0) 
     if not _enabled:
         return
     if _forward is None:
-        metric.labels(*labels).inc(amount)
+        child = _children.get((metric, labels))
+        if child is None:
+            # labels() validates and locks on every call; the label sets are small and fixed, so the
+            # children are kept (this is most of the per-event cost, see the README's Performance).
+            child = _children[(metric, labels)] = metric.labels(*labels)
+        child.inc(amount)
         return
     key = (metric._name, labels)  # type: ignore[attr-defined]
     _pending[key] = _pending.get(key, 0.0) + amount
@@ -203,7 +211,7 @@ def attempt_finished(seconds: float, outcome_kinds: Iterable[str]) -> None:
         return
     kinds = set(outcome_kinds)
     result = "delivered" if "delivered" in kinds else "bounced" if "permanent" in kinds else "deferred"
-    ATTEMPT_SECONDS.labels(result).observe(seconds)
+    _HISTOGRAMS[result].observe(seconds)
 
 
 def tls_session(version: str | None, verified: bool) -> None:
