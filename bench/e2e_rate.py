@@ -27,7 +27,7 @@ import aiosmtplib
 
 from bench.procstat import tree_cpu
 from tests.support.ops import scrape
-from tests.support.relay import free_port, listen_address
+from tests.support.relay import free_port, listen_address, run_cli
 from tests.support.world import World
 
 MSG = b"Subject: bench\r\n\r\n" + (b"x" * 78 + b"\r\n") * 25
@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--mode", choices=("tls", "plain", "enforce"), default="tls")
     ap.add_argument("--tlsrpt", action="store_true", help="record sessions for TLS reporting")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every delivery")
     ap.add_argument("--metrics", action="store_true", help="[http] on, /metrics scraped every second")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -93,7 +94,11 @@ def main() -> int:
             t0 = time.monotonic()
             asyncio.run(run())
             t1 = time.monotonic()
-            mx.wait_for_messages_blocking(len(latencies), timeout=600)
+            try:
+                mx.wait_for_messages_blocking(len(latencies), timeout=args.timeout)
+            except TimeoutError:
+                print(run_cli(relay.config, "queue", "list").stdout[-3000:], relay.log_text()[-3000:], file=sys.stderr)
+                raise
             t2 = time.monotonic()
             cpu = tree_cpu(relay.proc.pid) - cpu0  # type: ignore[union-attr]
             counted = ""
