@@ -20,12 +20,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiosmtplib
 
 from bench.procstat import tree_cpu
+from tests.support.dkim import make_key
 from tests.support.ops import scrape
 from tests.support.relay import free_port, listen_address, run_cli
 from tests.support.world import World
@@ -69,8 +71,11 @@ def main() -> int:
             world.domain("dst.test", [(10, "mx1.dst.test")])
             if args.mode == "enforce":
                 world.sts("dst.test", "enforce", ["mx1.dst.test"])
-            extra = {"tlsrpt": {"enabled": True, "contact_info": "t@relay.test", "report_sender": "r@relay.test",
-                                "db_path": str(tmp / "rpt.db")}} if args.tlsrpt else {}
+            extra: dict[str, Any] = {}
+            if args.tlsrpt:
+                key = make_key(tmp / "keys", "relay.test", "rpt")  # report mails must be signed (RPT-18)
+                extra = {"tlsrpt": {"enabled": True, "contact_info": "t@relay.test", "report_sender": "r@relay.test",
+                                    "db_path": str(tmp / "rpt.db")}, "dkim": {"keys": [key.config()]}}
             if args.metrics:
                 extra["http"] = {"listen": f"127.0.0.1:{free_port()}"}
             relay = world.relay(world.config(log={"format": "json", "level": "warning"}, **extra))

@@ -17,8 +17,10 @@ Rules (issue 14):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -111,6 +113,8 @@ def set_enabled(flag: bool) -> None:
 # ----- forwarding from the listener child -------------------------------------------------------
 
 _forward: Callable[[str], None] | None = None
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_thread: int | None = None
 _children: dict[tuple[Counter | Gauge, tuple[str, ...]], Any] = {}
 _pending: dict[tuple[str, tuple[str, ...]], float] = {}
 _flush_scheduled = False
@@ -118,11 +122,15 @@ FORWARD_PREFIX = "M "
 
 
 def forward_to(write: Callable[[str], None] | None) -> None:
-    """In the listener child: send increments through `write` (one line each flush) instead of
-    keeping them here; None restores local counting."""
-    global _forward
+    """In the listener child, on its event loop: send increments through `write` (one line each
+    flush) instead of keeping them here; None restores local counting."""
+    global _forward, _loop, _loop_thread
     _forward = write
     _pending.clear()
+    try:
+        _loop, _loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    except RuntimeError:
+        _loop = _loop_thread = None
 
 
 def flush_forwarded() -> None:
@@ -162,12 +170,15 @@ def _add(metric: Counter | Gauge, labels: tuple[str, ...], amount: float = 1.0) 
             child = _children[(metric, labels)] = metric.labels(*labels)
         child.inc(amount)
         return
+    if _loop is not None and threading.get_ident() != _loop_thread:
+        # From a worker thread (DKIM signing runs in one): the buffer and the pipe belong to the
+        # loop. Queued ahead of the completion of the thread's work, so still before the queue id.
+        _loop.call_soon_threadsafe(_add, metric, labels, amount)
+        return
     key = (metric._name, labels)  # type: ignore[attr-defined]
     _pending[key] = _pending.get(key, 0.0) + amount
     if not _flush_scheduled:
         # One line per event-loop turn at most, however many events the turn had.
-        import asyncio
-
         try:
             asyncio.get_running_loop().call_soon(flush_forwarded)
             _flush_scheduled = True

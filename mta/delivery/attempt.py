@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,7 +26,15 @@ from mta import log, metrics
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
 from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
-from mta.errors import DeliveryError, DnsError, DnsPermanentError, PermanentDeliveryError, TransientDeliveryError
+from mta.delivery.unreachable import UnreachableHosts
+from mta.errors import (
+    DeliveryError,
+    DnsError,
+    DnsPermanentError,
+    HostUnreachableError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 from mta.model import SmtpReply
 from mta.net.dns import Resolver
 from mta.spool.state import DELIVERED_OUTCOME, PERMANENT, TRANSIENT, Outcome
@@ -62,6 +71,8 @@ class AttemptContext:
     relayhost_tls: str = "verify"
     relayhost_auth: tuple[str, str] | None = None
     rng: random.Random = field(default_factory=random.Random)
+    unreachable: UnreachableHosts | None = None  # SMTP-37: shared by every attempt of the process
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass
@@ -227,6 +238,13 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
                        eight_bit: bool, smtputf8: bool) -> dict[str, Outcome] | str | None:
     """Outcomes when this address settled the recipients; "next-host" or None to go on."""
     relay = f"{host}[{address}]:{port}"
+    down = ctx.unreachable
+    if down is not None and down.skipped((address, port), ctx.clock()):
+        # SMTP-37: no connect timeout per message for a dead host; a deferral, never a bounce.
+        wait = down.remaining((address, port), ctx.clock())
+        att.errors.append(f"{relay}: skipped for {wait:.0f} s more, it refused or timed out recently")
+        att.any_transient = True
+        return None
     try:
         session = await _open(ctx, host, address, port, mode)
     except TlsRequiredError as exc:
@@ -237,7 +255,11 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
     except DeliveryError as exc:
         att.errors.append(f"{relay}: {exc.reply}")
         att.any_transient = True
+        if down is not None and isinstance(exc, HostUnreachableError):
+            down.mark((address, port), ctx.clock())
         return None
+    if down is not None:
+        down.forget((address, port))
     verdict = check_tls(att.policy, session.starttls_offered, session.tls)
     result_type, reason = verdict.result_type, verdict.reason
     if result_type is None and host in att.mx_mismatch:
