@@ -78,6 +78,7 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    runtime.catch_early_stop()  # first: a stop request during start-up is honoured, not lost (CTR-4)
     from mta import preflight
     from mta.app import resume, serve
     from mta.dkim.signer import Signer

@@ -39,6 +39,7 @@ def spawn(cfg: Config, close_fds: tuple[int, ...] = ()) -> tuple[int, int]:
     pid = os.fork()
     if pid == 0:  # child: never returns
         code = 1
+        runtime.forget_early_stop()
         try:
             os.close(read_fd)
             for fd in close_fds:
