@@ -15,11 +15,12 @@ import signal
 import time
 from pathlib import Path
 
-from mta import log, runtime
+from mta import log, metrics, runtime
 from mta.config import Config, parse_hostport
 from mta.delivery.attempt import AttemptContext
 from mta.delivery.pool import ConnectionPool
-from mta.delivery.smtp_client import Timeouts
+from mta.delivery.smtp_client import BindAddresses, Timeouts
+from mta.delivery.unreachable import UnreachableHosts
 from mta.delivery.worker import Worker
 from mta.errors import SpoolError
 from mta.net.dns import Resolver
@@ -50,8 +51,8 @@ def build_sts(cfg: Config, resolver: Resolver) -> object | None:
         else:
             from mta.sts.policy import parse_policy
 
-            text = value if value.startswith("version:") else f"version: STSv1\nmode: {value}\nmax_age: 86400\n"
-            overrides[domain.lower()] = parse_policy(text.encode())
+            # config.py accepts only "none" or a whole policy text (issue 10 item 9 decision).
+            overrides[domain.lower()] = parse_policy(value.encode("utf-8", "surrogateescape"))
     Path(cfg.mta_sts.cache_path).parent.mkdir(parents=True, exist_ok=True)
     return StsService(resolver=resolver, cache=PolicyCache(cfg.mta_sts.cache_path), https_port=cfg.mta_sts.https_port,
                       ca_file=cfg.tls.ca_file or None, fetch_timeout=cfg.mta_sts.fetch_timeout,
@@ -65,12 +66,14 @@ def build_timeouts(cfg: Config) -> Timeouts:
                     data_block=d.data_timeout, data_final=d.data_timeout)
 
 
-def resume(store: SpoolStore) -> list[tuple[str, float]]:
-    """Start-up recovery (debris removed, corrupt entries quarantined): (id, due) of every message to resume."""
-    out = []
+def resume(store: SpoolStore) -> list[tuple[str, float | None]]:
+    """Start-up recovery (debris removed, corrupt entries quarantined): (id, due) of every message to
+    resume; due is None for a held message (not scheduled, but counted in mta_queue_messages)."""
+    out: list[tuple[str, float | None]] = []
     for meta in store.recover():
         due = meta.next_due()
         if meta.held:
+            out.append((meta.id, None))
             continue
         if due is None:
             store._discard(meta.id)
@@ -94,16 +97,22 @@ class Relay:
             secret = Path(cfg.delivery.relayhost_password_file).read_text().strip()
             relay_auth = (cfg.delivery.relayhost_username, secret)
         self.recorder = self._build_recorder()
+        unreachable = UnreachableHosts(cfg.delivery.unreachable_time)  # SMTP-37
         self.ctx = AttemptContext(
             hostname=cfg.hostname, resolver=self.resolver, pool=self.pool, timeouts=build_timeouts(cfg),
             smtp_port=cfg.delivery.smtp_port, ipv6=cfg.delivery.ipv6, ca_file=cfg.tls.ca_file or None,
-            sts=self.sts, recorder=self.recorder,
+            sts=self.sts, recorder=metrics.CountingRecorder(self.recorder),
             relayhost=parse_hostport(cfg.delivery.relayhost) if cfg.delivery.relayhost else None,
             relayhost_tls=cfg.delivery.relayhost_tls, relayhost_auth=relay_auth, rng=random.Random(),
+            bind=BindAddresses(cfg.delivery.bind_address, cfg.delivery.bind_address6),
+            unreachable=unreachable,
         )
         self.worker = Worker(self.store, self.ctx, cfg.delivery, on_new_message=self.on_new_message)
-        self.scheduler = Scheduler(self.store, self.worker.deliver, cfg.delivery.concurrency)
+        self.scheduler = Scheduler(self.store, self.worker.deliver, cfg.delivery.concurrency,
+                                   on_flush=unreachable.clear)
         self.listeners: Listeners | None = None  # only when the listeners run in this process
+        self.scheduler_task: asyncio.Task[None] | None = None
+        self.http: object | None = None  # the operations endpoint (mta.http), when [http] listen is set
         self._background: list[asyncio.Task[None]] = []
         self.child_pid: int | None = None
         self.child_task: asyncio.Task[None] | None = None
@@ -117,7 +126,9 @@ class Relay:
             return NullRecorder()
         from mta.tlsrpt.store import ResultStore
 
-        return ResultStore(self.cfg.tlsrpt.db_path, sending_ip="127.0.0.1",
+        # Each session records its own local address (getsockname, issue 10 item 11); this default
+        # only serves records without a connection (discovery failures, MX outside the policy).
+        return ResultStore(self.cfg.tlsrpt.db_path, sending_ip=self.cfg.delivery.bind_address or None,
                            record_all_sessions=self.cfg.tlsrpt.record_all_sessions)
 
     def on_new_message(self, meta: MessageMeta) -> None:
@@ -126,7 +137,7 @@ class Relay:
             self.scheduler.schedule(meta.id, due)
 
     async def start(self, child: tuple[int, int] | None = None,
-                    resumed: list[tuple[str, float]] | None = None, resume_seconds: float = 0.0) -> None:
+                    resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> None:
         """Resume the queue and start serving; `child` = (pid, pipe) of a submission process, which
         must only have been started after the spool was recovered (`resumed`): recovery removes
         half-written files, and would remove the child's if it were already accepting mail."""
@@ -134,10 +145,17 @@ class Relay:
             self.store.lock()
         started = time.monotonic() - resume_seconds  # recovery may have run before the fork
         if resumed is None:
-            resumed = await asyncio.to_thread(resume, self.store)
+            def guarded() -> list[tuple[str, float]]:
+                with self.store.writers_excluded():  # no `sendmail` writes during the scan
+                    return resume(self.store)
+
+            resumed = await asyncio.to_thread(guarded)
         for qid, due in resumed:
-            self.scheduler.schedule(qid, due)
-        count = len(resumed)
+            if due is None:
+                self.scheduler.held.add(qid)
+            else:
+                self.scheduler.schedule(qid, due)
+        count = len(resumed) - len(self.scheduler.held)
         loop = asyncio.get_running_loop()
         if child is None:
             self.listeners = build_listeners(self.cfg, self.store, self.on_new_message)
@@ -145,7 +163,8 @@ class Relay:
             listen = " ".join(f"{h}:{p}" for h, p in self.listeners.addresses())
         else:
             listen = await self._attach(*child)
-        self._background.append(loop.create_task(self.scheduler.run(self.stop_event)))
+        self.scheduler_task = loop.create_task(self.scheduler.run(self.stop_event))
+        self._background.append(self.scheduler_task)
         self._background.append(loop.create_task(self._sweep_pool()))
         if self.sts is not None and hasattr(self.sts, "refresh_loop"):
             self._background.append(loop.create_task(self.sts.refresh_loop(
@@ -156,6 +175,10 @@ class Relay:
             from mta.tlsrpt.sender import daily_loop
 
             self._background.append(loop.create_task(daily_loop(self, self.stop_event)))
+        if self.cfg.http.listen:
+            from mta.http import relay_ops, server
+
+            self.http = await server.start(relay_ops.build_ops(self), self.cfg.http)
         log.event("started", listen=listen, queued=count, resume_seconds=round(time.monotonic() - started, 2),
                   submission_pid=child[0] if child else None)
 
@@ -212,23 +235,31 @@ class Relay:
             await self.recorder.close()
         if self.sts is not None and hasattr(self.sts, "close"):
             await self.sts.close()
+        if self.http is not None:  # last: /readyz answers 503 "stopping" while we drain
+            await self.http.cleanup()  # type: ignore[attr-defined]
         self.store.unlock()
 
 
 async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None,
-                resumed: list[tuple[str, float]] | None = None, resume_seconds: float = 0.0) -> int:
+                resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
     runtime.use_io_threads(loop)
+    metrics.set_enabled(bool(cfg.http.listen))
     if store is None:
         # The spool first: an unusable one is the error the operator must see, before anything (the
         # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
         SpoolStore(cfg.queue.path).prepare()
     relay = Relay(cfg, store)
-    await relay.start(child, resumed, resume_seconds)
+    # Handlers before start-up, not after: the listener child already accepts clients, and a
+    # SIGTERM arriving meanwhile must still mean "stop cleanly". As a container's PID 1 a signal
+    # without a handler is not even fatal, it is ignored: `docker stop` then hangs until SIGKILL.
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if runtime.early_stop_requested():  # a SIGTERM before this loop existed (runtime.catch_early_stop)
+        stop.set()
+    await relay.start(child, resumed, resume_seconds)
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(relay.child_gone.wait())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:

@@ -1,6 +1,7 @@
 """Command-line interface: parses arguments, formats output and exit codes; no business logic.
 
     mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
+        | dkim keygen|check | sendmail
 Every command takes --config F (default: $MTA_CONFIG, else config.toml). Exit codes: 0 ok, 1 error, 2 usage.
 """
 
@@ -8,54 +9,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import getpass
 import json
 import os
 import sys
 import time
-from typing import Any
 
 from mta import config as config_mod
 from mta import log, runtime
 from mta.errors import MtaError, SpoolError
 from mta.spool import control
-from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore, describe_os_error
-
-
-def _iso(ts: float | None) -> str | None:
-    if not ts:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def meta_json(meta: MessageMeta) -> dict[str, Any]:
-    return {
-        "id": meta.id, "sender": meta.sender, "created": _iso(meta.created), "size": meta.size,
-        "held": meta.held, "kind": meta.kind,
-        "recipients": [
-            {"address": r.address, "status": r.status.value, "attempts": r.attempts,
-             "last_error": r.last_error or None,
-             "next_attempt": _iso(r.next_attempt) if not r.status.final else None,
-             "sts_mode": r.sts_mode, "reason": r.reason or None}
-            for r in meta.recipients
-        ],
-    }
-
-
-def _load_all(store: SpoolStore) -> list[MessageMeta]:
-    out = []
-    for qid in store.ids():
-        try:
-            out.append(store.load_sync(qid))
-        except MtaError:
-            continue
-    return out
+from mta.spool.view import header_text, load_all, meta_json
+from mta.spool.view import iso as _iso
 
 
 def cmd_queue_list(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    metas = _load_all(SpoolStore(cfg.queue.path))
+    metas = load_all(SpoolStore(cfg.queue.path))
     if args.json:
         print(json.dumps([meta_json(m) for m in metas], indent=1))
         return 0
@@ -80,9 +50,7 @@ def cmd_queue_show(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     store = SpoolStore(cfg.queue.path)
     meta = store.load_sync(args.id)
     print(json.dumps(meta_json(meta), indent=1))
-    data = store.read_data_sync(args.id)
-    end = data.find(b"\r\n\r\n")
-    print(data[: end if end >= 0 else len(data)].decode("utf-8", "replace"))
+    print(header_text(store, args.id))
     return 0
 
 
@@ -110,11 +78,17 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    runtime.catch_early_stop()  # first: a stop request during start-up is honoured, not lost (CTR-4)
+    from mta import preflight
     from mta.app import resume, serve
+
+    preflight.check(cfg)  # the same checks as check-config, before anything starts (issue 10 item 9)
+    for warning in config_mod.warnings(cfg):
+        log.event("config-warning", reason=warning)
 
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None
-    resumed: list[tuple[str, float]] | None = None
+    resumed: list[tuple[str, float | None]] | None = None
     resume_seconds = 0.0
     if cfg.submission.separate_process:
         # Lock, recover the spool, THEN fork the listener child (recovery deletes half-written
@@ -125,15 +99,22 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         store.prepare()
         store.lock()
         assert store._lock_fd is not None
-        store.wait_for_writers()
         t0 = time.monotonic()
-        resumed = resume(store)
+        # Exclusive writers' lock during recovery: a child of a killed server or a `sendmail`
+        # caught mid-write finishes first, and new ones wait until the scan is done.
+        with store.writers_excluded():
+            resumed = resume(store)
         resume_seconds = time.monotonic() - t0
         child = spawn(cfg, close_fds=(store._lock_fd,))
     return runtime.run(serve(cfg, store, child, resumed, resume_seconds))
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from mta import preflight
+
+    preflight.check(cfg)
+    for warning in config_mod.warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     applied = config_mod.env_applied(os.environ)
     print(f"{cfg.source}: ok" + (f" (overridden by {', '.join(applied)})" if applied else ""))
     return 0
@@ -193,10 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     from mta.cli_tlsrpt import add_tlsrpt_parser
 
     add_tlsrpt_parser(sub, common)
+    from mta.cli_dkim import add_dkim_parser
+
+    add_dkim_parser(sub, common)
+    # Listed for --help only: main() hands `mta sendmail ...` to mta.sendmail before argparse.
+    sub.add_parser("sendmail", help="sendmail-compatible submission: mta sendmail [--config F] [-t] [-i] ... [rcpt]")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sendmail"]:
+        # sendmail's flags (-t, -FCronDaemon, -oi ...) are not argparse's: its own parser takes them.
+        from mta.sendmail.main import mta_main
+
+        return mta_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "raw", None):
         return int(args.raw(args))

@@ -27,14 +27,16 @@ CTL_POLL = 0.25  # seconds between looks at ctl/ (flush acts on a running serve 
 
 class Scheduler:
     def __init__(self, store: SpoolStore, deliver: Callable[[str], Awaitable[float | None]], concurrency: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, on_flush: Callable[[], None] | None = None) -> None:
         self.store = store
         self.deliver = deliver
         self.clock = clock
+        self.on_flush = on_flush  # e.g. forget unreachable hosts: a flush overrides that delay (SMTP-37)
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._inflight: set[str] = set()
         self._pending_ctl: list[dict[str, str | None]] = []
+        self.held: set[str] = set()  # parked by the operator (for the queue gauges)
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -48,6 +50,17 @@ class Scheduler:
 
     def forget(self, qid: str) -> None:
         self._due.pop(qid, None)
+
+    def request(self, op: str, qid: str | None) -> None:
+        """An operator request from this process (the HTTP API): applied like a ctl/ file, at the
+        next look at ctl/, but without writing one (it must work on a full disk too)."""
+        if op not in control.OPS:
+            raise ValueError(f"unknown operation {op}")
+        self._pending_ctl.append({"op": op, "id": qid})
+
+    def snapshot(self) -> tuple[dict[str, float], set[str], set[str]]:
+        """(due time per scheduled id, ids in flight, held ids): copies, for the queue gauges."""
+        return dict(self._due), set(self._inflight), set(self.held)
 
     @property
     def queued(self) -> int:
@@ -85,6 +98,11 @@ class Scheduler:
         now = self.clock()
         for req in reqs:
             op, qid = str(req["op"]), req.get("id")
+            if op == "new":
+                self._schedule_new(qid)
+                continue
+            if op == "flush" and self.on_flush is not None:
+                self.on_flush()
             ids = [qid] if qid else list(self._due) if op == "flush" else self.store.ids()
             for one in ids:
                 if one in self._inflight:
@@ -106,14 +124,31 @@ class Scheduler:
                     continue
                 if new is None:
                     self.forget(one)
+                    self.held.discard(one)
                     log.event("deleted", queue_id=one)
                     continue
                 due = new.next_due()
                 if new.held:
                     self.forget(one)
+                    self.held.add(one)
                     log.event("held", queue_id=one)
-                elif due is not None:
+                    continue
+                self.held.discard(one)
+                if due is not None:
                     self.schedule(one, due)
+
+    def _schedule_new(self, qid: str | None) -> None:
+        """A message `sendmail` stored while we run: schedule it (its state is already right)."""
+        if not isinstance(qid, str) or not qid.isalnum() or qid in self._due or qid in self._inflight:
+            return
+        try:
+            meta = self.store.load_sync(qid)
+        except Exception as exc:  # gone already or unreadable: the start-up scan judges it next time
+            _log.warning("new message %s: %s", qid, exc)
+            return
+        due = meta.next_due()
+        if due is not None and not meta.held:
+            self.schedule(qid, due)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Hand due messages to tasks until `stop` is set; then wait for in-flight work."""

@@ -11,8 +11,11 @@ left-most label over at least two further labels, never the subject CN, never an
 - `verify_peer(...)`: after an opportunistic handshake, tells whether the same certificate WOULD
   have verified for the MX name, so testing-mode sessions can be reported (RFC 8460) without a
   second connection. Python offers no verify callback, so the presented chain is checked again
-  with `cryptography.x509.verification` (chain, signatures, basic constraints, validity) and our
-  own DNS-ID matcher. Error texts mirror OpenSSL's so one classifier serves both paths (STS-92).
+  with `cryptography.x509.verification` (chain, signatures, basic constraints, validity), OpenSSL's
+  serverAuth purpose rule and our own DNS-ID matcher. Error texts mirror OpenSSL's so one classifier
+  serves both paths (STS-92). The two paths must give the same verdict (issue 10 item 7): a report
+  must never say success where enforcement would refuse; tests/integration/test_issue10_trust.py
+  compares them certificate by certificate against a real OpenSSL handshake.
 
 Contexts and trust stores are built once per ca_file (None = the certifi bundle) and shared.
 """
@@ -39,7 +42,10 @@ EXPIRED = _FAILED + "certificate has expired"
 NOT_YET_VALID = _FAILED + "certificate is not yet valid"
 SELF_SIGNED = _FAILED + "self-signed certificate"
 UNTRUSTED = _FAILED + "unable to get local issuer certificate"
-_ENCODING_DER: int = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]  # arg of _ssl.Certificate.public_bytes
+BAD_PURPOSE = _FAILED + "unsuitable certificate purpose"  # X509_V_ERR_INVALID_PURPOSE (26)
+# OpenSSL's X509_PURPOSE_SSL_SERVER accepts an extendedKeyUsage only when it names serverAuth
+# (or one of the two legacy Server Gated Crypto purposes); anyExtendedKeyUsage alone is refused.
+_SERVER_PURPOSES = ("1.3.6.1.5.5.7.3.1", "2.16.840.1.113730.4.1", "1.3.6.1.4.1.311.10.3.3")
 
 
 def host_mismatch(hostname: str) -> str:
@@ -85,12 +91,16 @@ def opportunistic_context() -> ssl.SSLContext:
 def dns_id_matches(reference: str, presented: str) -> bool:
     """RFC 6125 §6.4 DNS-ID match of one presented SAN against an A-label reference name.
 
+    Our own because the report path must agree with OpenSSL (TRUST-2), and cryptography's
+    `build_server_verifier` matcher does not: it accepts `*.com` for `example.com`, which OpenSSL
+    (and ID-9) refuse - proved by tests/integration/test_library_gaps.py.
+
     ID-1 label-wise and case-insensitive; ID-3 `*` only as the whole left-most label and matching
     exactly one label; ID-4/ID-5 no partial-label wildcards (so none inside an A-label); ID-9 no
     wildcard directly over a single label (`*.com`) and no bare `*`.
     """
     ref = reference.rstrip(".").lower().split(".")
-    pres = presented.rstrip(".").lower().split(".")
+    pres = presented.lower().split(".")  # a trailing dot on the SAN is not stripped: OpenSSL never matches it
     if any(not label for label in ref) or any(not label for label in pres):
         return False
     if "*" not in presented:
@@ -103,6 +113,12 @@ def dns_id_matches(reference: str, presented: str) -> bool:
 
 
 def _load_pem_bundle(data: bytes) -> list[Any]:
+    """Every parsable certificate of a PEM bundle.
+
+    Kept beside `x509.load_pem_x509_certificates` because that refuses the WHOLE bundle when one
+    certificate in it does not parse (a CA file with one odd root would leave no trust at all);
+    proved by tests/integration/test_library_gaps.py.
+    """
     from cryptography import x509
 
     with warnings.catch_warnings():
@@ -170,9 +186,13 @@ def verify_chain(der_chain: Sequence[bytes], ca_file: str | None, hostname: str,
     builder = (PolicyBuilder().store(store).time(at)
                .extension_policies(ca_policy=ca_policy, ee_policy=ExtensionPolicy.permit_all()))
     try:
-        builder.build_client_verifier().verify(leaf, intermediates)
+        verified = builder.build_client_verifier().verify(leaf, intermediates)
     except VerificationError:
         return False, SELF_SIGNED if leaf.issuer == leaf.subject else UNTRUSTED
+    # Issue 10 item 7: the purpose check OpenSSL applies in enforce mode (a certificate for
+    # clientAuth only is refused there), on the leaf and every intermediate, before time and name.
+    if not all(_server_purpose(cert) for cert in verified.chain[:-1]):
+        return False, BAD_PURPOSE
     if now > end:
         return False, EXPIRED
     if now < start:
@@ -187,18 +207,32 @@ def verify_chain(der_chain: Sequence[bytes], ca_file: str | None, hostname: str,
     return False, host_mismatch(reference)
 
 
+def _server_purpose(cert: Any) -> bool:
+    """True when `cert` has no extendedKeyUsage or one that allows a TLS server (OpenSSL's rule)."""
+    from cryptography import x509
+
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return any(oid.dotted_string in _SERVER_PURPOSES for oid in eku)
+
+
 def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
     """The DER chain the peer presented, leaf first (just the leaf where Python cannot say more).
 
     Intermediates matter: without them a chain ending in a public root would read "untrusted".
-    Python 3.13 has `get_unverified_chain()`; 3.10-3.12 have it only on the private `_sslobj`.
+    Python 3.13 has the public `SSLObject.get_unverified_chain()`; 3.11 and 3.12 have it only on
+    the private `_sslobj` (and `getpeercert` gives the leaf alone), so that is used there - both
+    proved by tests/integration/test_library_gaps.py. Certificates are turned into DER through
+    their PEM text (`ssl.PEM_cert_to_DER_cert`), the public route.
     """
     getter = getattr(ssl_object, "get_unverified_chain", None)
     if getter is None:
         getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
     if getter is not None:
         try:
-            return [c if isinstance(c, bytes) else c.public_bytes(_ENCODING_DER) for c in getter() or []]
+            return [c if isinstance(c, bytes) else ssl.PEM_cert_to_DER_cert(c.public_bytes()) for c in getter() or []]
         except (ssl.SSLError, ValueError, AttributeError, TypeError):
             pass
     leaf = ssl_object.getpeercert(binary_form=True)
