@@ -13,6 +13,7 @@ import getpass
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from mta import config as config_mod
@@ -132,7 +133,19 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return runtime.run(serve(cfg, store, child, resumed, resume_seconds))
 
 
+def system_nameservers(path: str = "/etc/resolv.conf") -> list[str]:
+    """The `nameserver` lines of resolv.conf (what dnspython's system resolver would use)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    return [parts[1] for parts in (line.split() for line in text.splitlines())
+            if len(parts) >= 2 and parts[0] == "nameserver"]
+
+
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    for warning in config_mod.dnssec_warnings(cfg, system_nameservers()):
+        print(f"{cfg.source}: warning: {warning}", file=sys.stderr)
     print(f"{cfg.source}: ok")
     return 0
 

@@ -111,6 +111,12 @@ class DnsConfig:
     nameservers: tuple[str, ...] = ()
     port: int = 53
     timeout: float = field(default=5.0, metadata=_meta("duration"))
+    dnssec: bool = False  # the nameservers validate DNSSEC and their AD bit is trusted (DANE-1)
+
+
+@dataclass(frozen=True)
+class DaneConfig:
+    enabled: bool = True  # effective only with dns.dnssec = true (RFC 7672)
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    dane: DaneConfig = field(default_factory=DaneConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -320,6 +327,27 @@ def _validate(cfg: Config) -> None:
         _fail(src, "tlsrpt.dkim_key_file", "dkim_selector and dkim_key_file go together")
     if cfg.tlsrpt.enabled and not (cfg.tlsrpt.contact_info and cfg.tlsrpt.report_sender):
         _fail(src, "tlsrpt.contact_info", "contact_info and report_sender are required when enabled")
+
+
+def dnssec_warnings(cfg: Config, system_nameservers: typing.Sequence[str]) -> list[str]:
+    """Why the AD bit we are told to trust may be forged (DANE-1): the path to a validating resolver
+    is only safe on this host, so every non-loopback nameserver (configured, else the system's) is named."""
+    if not cfg.dns.dnssec:
+        return []
+    servers = cfg.dns.nameservers or tuple(system_nameservers)
+    where = "dns.nameservers" if cfg.dns.nameservers else "/etc/resolv.conf"
+    if not servers:
+        return [f"dns.dnssec: no nameserver in {where}: every lookup will fail"]
+    out = []
+    for ns in servers:
+        try:
+            loopback = ipaddress.ip_address(ns.split("%")[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            out.append(f"dns.dnssec: nameserver {ns} ({where}) is not on loopback: its AD bit can be forged "
+                       "on the way; run a validating resolver on this host (see README)")
+    return out
 
 
 def load(path: str | Path) -> Config:
