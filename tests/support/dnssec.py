@@ -39,11 +39,11 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.query
+import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
-import dns.rcode
 import dns.rrset
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -209,7 +209,7 @@ class SignedZone(Zone):
                 if owner == apex.name:
                     types.add(dns.rdatatype.DNSKEY)
                 following = owners[(i + 1) % len(owners)]
-                text = " ".join([following.to_text()] + sorted(dns.rdatatype.to_text(t) for t in types))
+                text = " ".join([following.to_text(), *sorted(dns.rdatatype.to_text(t) for t in types)])
                 nsec = dns.rrset.RRset(owner, dns.rdataclass.IN, dns.rdatatype.NSEC)
                 nsec.add(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.NSEC, text), self.negative_ttl)
                 chain.append(nsec)
