@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from tests.support.dnssec import SignedZone, Unbound
 from tests.support.fake_mx import FakeMx
 from tests.support.pki import Leaf
-from tests.support.relay import RelayProcess, run_cli
+from tests.support.relay import RelayProcess, run_cli, write_config
 from tests.support.world import World
 
 
@@ -40,11 +40,13 @@ class DaneWorld:
         self.resolver.stop()
         self.world.close()
 
-    def relay(self, **extra: Any) -> RelayProcess:
-        data = self.world.config(dns={"nameservers": [self.resolver.host], "port": self.resolver.port,
+    def config(self, **extra: Any) -> dict[str, Any]:
+        return self.world.config(dns={"nameservers": [self.resolver.host], "port": self.resolver.port,
                                       "dnssec": True, "timeout": "2s"},
                                  dane={"enabled": True}, **extra)
-        return self.world.relay(data)
+
+    def relay(self, **extra: Any) -> RelayProcess:
+        return self.world.relay(self.config(**extra))
 
     def owner(self, host: str) -> str:
         """The TLSA owner name: the port is the relay's `delivery.smtp_port` (DANE-2)."""
@@ -231,3 +233,25 @@ def test_dane_2_4_starttls_stripped_defers_never_plaintext(dane: DaneWorld, usag
     [ev] = relay.wait_event("deferred", queue_id=qid)
     assert ev["status"] == "4.7.5" and "DANE" in ev["reply"]
     assert mx.messages == [] and not mx.saw("MAIL")
+
+
+def test_dane_policy_probe_shows_dnssec_tlsa_match_and_governing_policy(dane: DaneWorld) -> None:
+    good = dane.world.pki.leaf("mx1.dane.test", untrusted=True)
+    dane.mx("mx1.dane.test", "127.0.0.21", good)
+    dane.mx("mx2.dane.test", "127.0.0.22", dane.world.pki.leaf("mx2.dane.test"))
+    dane.world.mx_host("mx.plain.test", "127.0.0.23")
+    dane.world.domain("dane.test", [(10, "mx1.dane.test"), (20, "mx2.dane.test"), (30, "mx.plain.test")])
+    dane.tlsa("mx1.dane.test", f"3 1 1 {spki_sha256(good)}")
+    dane.tlsa("mx2.dane.test", f"3 1 1 {spki_sha256(good)}")  # mx2 presents another key
+    config = write_config(dane.world.tmp, dane.config(), "probe.toml")
+    out = run_cli(config, "policy", "dane.test", "--probe", "--json", timeout=60)
+    rows = {r["mx"]: r for r in json.loads(out.stdout)["probe"]}
+    one, two, plain = rows["mx1.dane.test"], rows["mx2.dane.test"], rows["mx.plain.test"]
+    assert one["dnssec"] == {"mx": "secure", "address": "secure"} and one["dane"] == "authenticate"
+    assert one["tlsa"] == [f"3 1 1 {spki_sha256(good).upper()}"] and one["tlsa_match"] is True
+    assert one["policy"] == "dane" and one["cert_valid"] is False  # DANE, not PKIX, accepts it
+    assert two["tlsa_match"] is False and "tlsa-invalid" in two["error"]
+    assert plain["dnssec"]["address"] == "insecure" and plain["dane"].startswith("none")
+    assert plain["policy"] == "none" and plain["tlsa"] == []
+    text = run_cli(config, "policy", "dane.test", "--probe", timeout=60).stdout
+    assert "tlsa_match=True policy=dane" in text and "TLSA 3 1 1" in text
