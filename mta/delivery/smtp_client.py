@@ -12,9 +12,6 @@ TLS modes:
   validity, DNS-ID of the MX host name (STS-77/78) and TLS >= 1.2 (STS-80); SNI is the MX name
   (STS-79). Any failure raises `TlsRequiredError` whose `result_type` follows STS-92, and nothing is
   ever sent in plaintext (STS-75/76): no MAIL FROM on that connection.
-- `TlsMode.REQUIRE` (DANE): STARTTLS is mandatory exactly as with VERIFY, but the handshake does
-  not judge the certificate: the caller does, from `peer_chain`, before MAIL FROM (DANE-2/5).
-  `sni` overrides the server name sent (DANE-6: the TLSA base domain).
 
 `send` runs one transaction and reports per recipient (SMTP-19): RCPT replies as given, except
 452/552 which mean "too many recipients, try later" (SMTP-18); DATA only if a RCPT was accepted,
@@ -58,7 +55,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from mta.errors import TransientDeliveryError
 from mta.model import SmtpReply, TlsInfo
-from mta.net.tls import opportunistic_context, peer_chain, reference_name, tls_info, verify_peer, verifying_context
+from mta.net.tls import opportunistic_context, peer_chain, reference_name, tls_info, verify_chain, verifying_context
 
 _DATA_CHUNK = 64 * 1024
 REPLY_TEXT_LIMIT = 1000  # characters of remote reply text we keep
@@ -91,11 +88,7 @@ class Timeouts:
 class TlsMode(enum.Enum):
     MAY = "may"
     VERIFY = "verify"
-    REQUIRE = "require"
-
-    @property
-    def mandatory(self) -> bool:
-        return self is not TlsMode.MAY
+    REQUIRE = "require"  # DANE: mandatory as VERIFY; the caller judges `peer_chain` before MAIL (DANE-2/5)
 
 
 class TlsRequiredError(TransientDeliveryError):
@@ -175,7 +168,7 @@ class SmtpSession:
     # --- opening ------------------------------------------------------------------------------
     @classmethod
     async def open(cls, *, address: str, port: int, mx_host: str, helo_name: str, tls_mode: TlsMode,
-                   ca_file: str | None, timeouts: Timeouts, sni: str | None = None) -> SmtpSession:
+                   ca_file: str | None, timeouts: Timeouts, sni: str | None = None) -> SmtpSession:  # DANE-6
         relay = f"{mx_host.rstrip('.')}[{address}]:{port}"
         try:
             ctx = verifying_context(ca_file) if tls_mode is TlsMode.VERIFY else opportunistic_context()
@@ -195,22 +188,21 @@ class SmtpSession:
                       helo_name: str, tls_mode: TlsMode, ctx: ssl.SSLContext, ca_file: str | None,
                       timeouts: Timeouts, sni: str | None = None) -> SmtpSession:
         """STARTTLS as the mode demands on a greeted connection (see the module docstring)."""
-        offered = smtp.supports_extension("starttls")
+        offered, mandatory = smtp.supports_extension("starttls"), tls_mode is not TlsMode.MAY
         if not offered:
-            if tls_mode.mandatory:
+            if mandatory:
                 await _quit(smtp, timeouts)  # STS-75: no MAIL FROM, just QUIT
                 raise TlsRequiredError("starttls-not-supported", f"{relay} does not offer STARTTLS")
             return cls(smtp, relay=relay, timeouts=timeouts, tls=None, starttls_offered=False)
-        # STS-79: the MX name, A-labels, no trailing dot, never an IP; DANE-6: the TLSA base domain.
-        sni = reference_name(sni or mx_host)
-        if tls_mode.mandatory and sni is None:
+        sni = reference_name(sni or mx_host)  # STS-79: MX name, A-labels, never an IP; DANE-6: TLSA base
+        if mandatory and sni is None:
             await _quit(smtp, timeouts)
             raise TlsRequiredError("validation-failure", f"{relay}: no host name to verify a certificate against")
         try:
             await smtp.starttls(server_hostname=sni, tls_context=ctx, timeout=timeouts.ehlo)
         except SMTPResponseException as exc:
             refused = f"STARTTLS refused: {_reply(exc.code, exc.message)}"
-            if tls_mode.mandatory:  # STS-92: a 4xx/5xx to STARTTLS counts as "not supported"
+            if mandatory:  # STS-92: a 4xx/5xx to STARTTLS counts as "not supported"
                 await _quit(smtp, timeouts)
                 raise TlsRequiredError("starttls-not-supported", f"{relay}: {refused}") from exc
             if not smtp.is_connected or not _is_refusal(exc.code):
@@ -222,20 +214,17 @@ class SmtpSession:
         except (SMTPException, OSError, TimeoutError, ValueError) as exc:
             smtp.close()
             result_type, reason = _handshake_failure(exc)
-            if tls_mode.mandatory:
+            if mandatory:
                 raise TlsRequiredError(result_type, f"{relay}: {reason}") from exc  # STS-76: no plaintext retry
             # SMTP-16 decision: opportunistic TLS that fails is retried once, in plaintext, on a new connection.
             smtp = await _connect(address, port, relay, helo_name, timeouts)
             return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=reason), starttls_offered=True)
         ssl_object = smtp.get_transport_info("ssl_object")
         chain = peer_chain(ssl_object)
-        if tls_mode is TlsMode.VERIFY:
-            info = tls_info(ssl_object, True, None)  # OpenSSL already refused anything unverified
-        elif tls_mode is TlsMode.REQUIRE:
-            info = tls_info(ssl_object, False, None)  # the caller judges `peer_chain` (DANE)
-        else:
-            verified, error = verify_peer(ssl_object, ca_file, mx_host)
-            info = tls_info(ssl_object, verified, error)
+        # VERIFY: OpenSSL already refused anything unverified; REQUIRE: the caller judges the chain.
+        verified, error = verify_chain(chain, ca_file, mx_host) if tls_mode is TlsMode.MAY else (
+            tls_mode is TlsMode.VERIFY, None)
+        info = tls_info(ssl_object, verified, error)
         await _ehlo(smtp, helo_name, relay, timeouts)  # SMTP-15: pre-TLS capabilities are void
         return cls(smtp, relay=relay, timeouts=timeouts, tls=info, starttls_offered=True, peer_chain=chain)
 
