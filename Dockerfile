@@ -1,30 +1,46 @@
-# mta: outbound SMTP relay enforcing MTA-STS.
-#   docker build -t mta .
-#   docker run -d -p 2525:2525 -v mta-spool:/var/spool/mta -v $PWD/config.toml:/etc/mta/config.toml:ro mta
-FROM python:3.11-slim
-
+# mta: outbound SMTP relay enforcing MTA-STS. Quick start and settings: README.md, "Container".
+#   podman build --format docker -t mta .        (or: docker build -t mta .)
+# Debian's own Python on debian:bookworm-slim, so `make container-test` builds this very file on a
+# base made with debootstrap (tests/container/build.sh), without Docker Hub.
+FROM debian:bookworm-slim AS base
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-WORKDIR /app
-COPY pyproject.toml README.md ./
+
+# Build stage: our pip install goes into a venv (never into Debian's Python, PEP 668); only the
+# venv, without pip and setuptools, goes into the image.
+FROM base AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3-venv \
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+# Dependencies first, in their own layer: a code change does not download them again.
+COPY pyproject.toml ./
+RUN python3 -m venv /opt/mta \
+    && python3 -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+open('requirements.txt', 'w').write('\n'.join(deps))" \
+    && /opt/mta/bin/pip install --no-cache-dir -r requirements.txt
+COPY README.md ./
 COPY mta ./mta
-RUN pip install --no-cache-dir . \
-    && useradd --system --uid 10025 --home-dir /var/spool/mta --shell /usr/sbin/nologin mta \
+RUN /opt/mta/bin/pip install --no-cache-dir --no-deps . \
+    && /opt/mta/bin/pip uninstall --yes --quiet setuptools pip
+
+FROM base
+RUN useradd --system --user-group --uid 10025 --home-dir /var/spool/mta --shell /usr/sbin/nologin mta \
     && mkdir -p /var/spool/mta /etc/mta \
     && chown mta:mta /var/spool/mta
-
-# A container default: listen on all interfaces inside the container, spool on the volume.
-# Relaying stays limited to relay_networks (loopback by default): set it to your clients' network.
-COPY config.example.toml /etc/mta/config.toml
-RUN sed -i -e 's|^listen = \["127.0.0.1:2525"\]|listen = ["0.0.0.0:2525"]|' \
-           -e 's|^path = "queue"|path = "/var/spool/mta"|' \
-           -e 's|^cache_path = "queue/sts-cache.db"|cache_path = "/var/spool/mta/sts-cache.db"|' \
-           -e 's|^db_path = "queue/tlsrpt.db"|db_path = "/var/spool/mta/tlsrpt.db"|' /etc/mta/config.toml
-
+COPY --from=build /opt/mta /opt/mta
+# Applications that call sendmail (issue 12) find mta's console script where they look for it.
+RUN if [ -e /opt/mta/bin/sendmail ]; then ln -s /opt/mta/bin/sendmail /usr/sbin/sendmail; fi
+COPY deploy/container/config.toml /etc/mta/config.toml
+# MTA_CONFIG: `docker exec ... mta queue list` and sendmail find the config without --config.
+ENV PATH=/opt/mta/bin:$PATH MTA_CONFIG=/etc/mta/config.toml
+WORKDIR /var/spool/mta
 USER mta
 VOLUME ["/var/spool/mta"]
 EXPOSE 2525
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD python -c "import smtplib; s=smtplib.SMTP('127.0.0.1', 2525, timeout=4); s.noop(); s.quit()" || exit 1
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["python3", "-m", "mta.healthcheck"]
 ENTRYPOINT ["mta"]
-CMD ["serve", "--config", "/etc/mta/config.toml"]
+CMD ["serve"]

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench conformance clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,31 @@ run: $(VENV)/.installed
 	$(BIN)/mta serve --config config.example.toml
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check mta tests bench
+	$(BIN)/ruff check mta tests bench tools
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check mta tests bench
+	$(BIN)/ruff check mta tests bench tools
+
+# Regenerate the tests column of docs/conformance.md from the suite (CI checks it is current).
+conformance: $(VENV)/.installed-test
+	$(BIN)/python tools/conformance.py
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/relay_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# The container image (issue 19): tests/container/build.sh builds the Dockerfile with podman (and
+# installs podman, runc, debootstrap when missing: run as root), then the tests run it on loopback.
+# Apart from `make test`; CI runs it after. container-clean drops the image and the cached base.
+CONTAINER_IMAGE ?= localhost/mta:test
+.PHONY: container-test container-clean
+container-test: $(VENV)/.installed-test
+	MTA_CONTAINER_IMAGE=$(CONTAINER_IMAGE) bash tests/container/build.sh
+	MTA_CONTAINER_IMAGE=$(CONTAINER_IMAGE) $(BIN)/python -m pytest -q tests/container
+
+container-clean:
+	CONTAINERS_CONF=$(CURDIR)/tests/container/containers.conf podman rmi --ignore $(CONTAINER_IMAGE) \
+	    docker.io/library/debian:bookworm-slim

@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from mta import log, runtime
+from mta import log, metrics, runtime
 from mta.config import Config, parse_hostport
 from mta.delivery.attempt import AttemptContext
 from mta.delivery.pool import ConnectionPool
@@ -66,12 +66,14 @@ def build_timeouts(cfg: Config) -> Timeouts:
                     data_block=d.data_timeout, data_final=d.data_timeout)
 
 
-def resume(store: SpoolStore) -> list[tuple[str, float]]:
-    """Start-up recovery (debris removed, corrupt entries quarantined): (id, due) of every message to resume."""
-    out = []
+def resume(store: SpoolStore) -> list[tuple[str, float | None]]:
+    """Start-up recovery (debris removed, corrupt entries quarantined): (id, due) of every message to
+    resume; due is None for a held message (not scheduled, but counted in mta_queue_messages)."""
+    out: list[tuple[str, float | None]] = []
     for meta in store.recover():
         due = meta.next_due()
         if meta.held:
+            out.append((meta.id, None))
             continue
         if due is None:
             store._discard(meta.id)
@@ -98,7 +100,7 @@ class Relay:
         self.ctx = AttemptContext(
             hostname=cfg.hostname, resolver=self.resolver, pool=self.pool, timeouts=build_timeouts(cfg),
             smtp_port=cfg.delivery.smtp_port, ipv6=cfg.delivery.ipv6, ca_file=cfg.tls.ca_file or None,
-            sts=self.sts, recorder=self.recorder,
+            sts=self.sts, recorder=metrics.CountingRecorder(self.recorder),
             relayhost=parse_hostport(cfg.delivery.relayhost) if cfg.delivery.relayhost else None,
             relayhost_tls=cfg.delivery.relayhost_tls, relayhost_auth=relay_auth, rng=random.Random(),
             dane=cfg.dane.enabled and cfg.dns.dnssec,
@@ -106,6 +108,8 @@ class Relay:
         self.worker = Worker(self.store, self.ctx, cfg.delivery, on_new_message=self.on_new_message)
         self.scheduler = Scheduler(self.store, self.worker.deliver, cfg.delivery.concurrency)
         self.listeners: Listeners | None = None  # only when the listeners run in this process
+        self.scheduler_task: asyncio.Task[None] | None = None
+        self.http: object | None = None  # the operations endpoint (mta.http), when [http] listen is set
         self._background: list[asyncio.Task[None]] = []
         self.child_pid: int | None = None
         self.child_task: asyncio.Task[None] | None = None
@@ -128,7 +132,7 @@ class Relay:
             self.scheduler.schedule(meta.id, due)
 
     async def start(self, child: tuple[int, int] | None = None,
-                    resumed: list[tuple[str, float]] | None = None, resume_seconds: float = 0.0) -> None:
+                    resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> None:
         """Resume the queue and start serving; `child` = (pid, pipe) of a submission process, which
         must only have been started after the spool was recovered (`resumed`): recovery removes
         half-written files, and would remove the child's if it were already accepting mail."""
@@ -138,8 +142,11 @@ class Relay:
         if resumed is None:
             resumed = await asyncio.to_thread(resume, self.store)
         for qid, due in resumed:
-            self.scheduler.schedule(qid, due)
-        count = len(resumed)
+            if due is None:
+                self.scheduler.held.add(qid)
+            else:
+                self.scheduler.schedule(qid, due)
+        count = len(resumed) - len(self.scheduler.held)
         loop = asyncio.get_running_loop()
         if child is None:
             self.listeners = build_listeners(self.cfg, self.store, self.on_new_message)
@@ -147,7 +154,8 @@ class Relay:
             listen = " ".join(f"{h}:{p}" for h, p in self.listeners.addresses())
         else:
             listen = await self._attach(*child)
-        self._background.append(loop.create_task(self.scheduler.run(self.stop_event)))
+        self.scheduler_task = loop.create_task(self.scheduler.run(self.stop_event))
+        self._background.append(self.scheduler_task)
         self._background.append(loop.create_task(self._sweep_pool()))
         if self.sts is not None and hasattr(self.sts, "refresh_loop"):
             self._background.append(loop.create_task(self.sts.refresh_loop(
@@ -158,6 +166,10 @@ class Relay:
             from mta.tlsrpt.sender import daily_loop
 
             self._background.append(loop.create_task(daily_loop(self, self.stop_event)))
+        if self.cfg.http.listen:
+            from mta.http import relay_ops, server
+
+            self.http = await server.start(relay_ops.build_ops(self), self.cfg.http)
         log.event("started", listen=listen, queued=count, resume_seconds=round(time.monotonic() - started, 2),
                   submission_pid=child[0] if child else None)
 
@@ -214,11 +226,13 @@ class Relay:
             await self.recorder.close()
         if self.sts is not None and hasattr(self.sts, "close"):
             await self.sts.close()
+        if self.http is not None:  # last: /readyz answers 503 "stopping" while we drain
+            await self.http.cleanup()  # type: ignore[attr-defined]
         self.store.unlock()
 
 
 async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None,
-                resumed: list[tuple[str, float]] | None = None, resume_seconds: float = 0.0) -> int:
+                resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
     runtime.use_io_threads(loop)

@@ -14,6 +14,7 @@ import math
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,12 @@ class TlsRptConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    listen: str = ""  # host:port of the operations endpoint (metrics, health, queue API); empty = off
+    admin_token: str = ""  # Bearer token for /api; required off loopback, and enforced whenever set
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "text"
     level: str = "info"
@@ -166,6 +173,7 @@ class Config:
     dane: DaneConfig = field(default_factory=DaneConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata=_meta("internal"))
 
@@ -317,6 +325,16 @@ def _validate(cfg: Config) -> None:
     for name, mode in cfg.mta_sts.overrides.items():
         if mode not in ("none", "testing", "enforce") and not mode.startswith("version: STSv1"):
             _fail(src, f"mta_sts.overrides.{name}", f"{mode!r} must be none, testing, enforce or a policy text")
+    if cfg.http.listen:
+        try:
+            host, _ = parse_hostport(cfg.http.listen)
+            ipaddress.ip_address(host)
+        except ValueError:
+            _fail(src, "http.listen", f"{cfg.http.listen!r} is not an IP:port address")
+    if cfg.http.admin_token and (len(cfg.http.admin_token) < 16 or not cfg.http.admin_token.isprintable()
+                                 or " " in cfg.http.admin_token):
+        # The value itself is never echoed: it is a secret.
+        _fail(src, "http.admin_token", "must be at least 16 printable characters without spaces")
     if cfg.log.format not in ("text", "json"):
         _fail(src, "log.format", f"{cfg.log.format!r} must be \"text\" or \"json\"")
     if cfg.log.level not in ("debug", "info", "warning", "error"):
@@ -350,8 +368,11 @@ def dnssec_warnings(cfg: Config, system_nameservers: typing.Sequence[str]) -> li
     return out
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a config file; raises ConfigError with one clear line."""
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; raises ConfigError with one clear line.
+
+    With `environ` (the CLI passes os.environ), the MTA_* variables of ENV_KEYS override the file.
+    """
     p = Path(path)
     src = str(path)
     try:
@@ -364,6 +385,8 @@ def load(path: str | Path) -> Config:
         # ValueError covers TOMLDecodeError, UnicodeDecodeError and int()'s 4300-digit limit inside
         # tomllib; RecursionError comes from deeply nested arrays ("a = [[[[...").
         raise ConfigError(_one_line(f"{src}: invalid TOML: {exc}")) from None
+    if environ is not None:
+        data = _apply_env(data, env_overrides(environ))
     return from_dict(data, src, p.parent.resolve())
 
 
@@ -373,3 +396,54 @@ def from_dict(data: dict[str, Any], src: str = "<config>", base: Path | None = N
     cfg = dataclasses.replace(cfg, source=src)
     _validate(cfg)
     return cfg
+
+
+# Environment variables for the keys every deployment changes, so an orchestrator need not write a
+# file (issue 19, the container image). They are applied after the TOML load and win over the
+# file; documented beside their keys in config.example.toml. List values are comma-separated.
+ENV_KEYS: dict[str, str] = {
+    "MTA_HOSTNAME": "hostname",
+    "MTA_LISTEN": "submission.listen",
+    "MTA_RELAY_NETWORKS": "submission.relay_networks",
+    "MTA_RELAYHOST": "delivery.relayhost",
+    "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
+    "MTA_NAMESERVERS": "dns.nameservers",
+}
+_ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """TOML-shaped data from the ENV_KEYS variables that are set (an empty value counts as set).
+
+    Each variable is validated on its own first, so a bad value names the variable and the key:
+    `$MTA_RELAY_NETWORKS: submission.relay_networks[0]: '10.0.0.0/33' is not a network`.
+    """
+    out: dict[str, Any] = {}
+    for var, key in ENV_KEYS.items():
+        if var not in environ:
+            continue
+        raw = environ[var].strip()
+        value: Any = [x for x in re.split(r"[,\s]+", raw) if x] if key in _ENV_LISTS else raw
+        section, _, name = key.rpartition(".")
+        piece = {section: {name: value}} if section else {name: value}
+        from_dict(piece, f"${var}")
+        out = _apply_env(out, piece)
+    return out
+
+
+def env_applied(environ: Mapping[str, str]) -> list[str]:
+    """The ENV_KEYS variables that are set, for `mta check-config` to show what overrode the file."""
+    return [var for var in ENV_KEYS if var in environ]
+
+
+def _apply_env(data: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for name, value in over.items():
+        if not isinstance(value, dict):
+            out[name] = value
+        elif name not in out:
+            out[name] = dict(value)
+        elif isinstance(out[name], dict):
+            out[name] = {**out[name], **value}
+        # else: the file has a non-table there; leave it so the error names the file's key.
+    return out

@@ -35,6 +35,7 @@ class Scheduler:
         self._due: dict[str, float] = {}
         self._inflight: set[str] = set()
         self._pending_ctl: list[dict[str, str | None]] = []
+        self.held: set[str] = set()  # parked by the operator (for the queue gauges)
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -48,6 +49,17 @@ class Scheduler:
 
     def forget(self, qid: str) -> None:
         self._due.pop(qid, None)
+
+    def request(self, op: str, qid: str | None) -> None:
+        """An operator request from this process (the HTTP API): applied like a ctl/ file, at the
+        next look at ctl/, but without writing one (it must work on a full disk too)."""
+        if op not in control.OPS:
+            raise ValueError(f"unknown operation {op}")
+        self._pending_ctl.append({"op": op, "id": qid})
+
+    def snapshot(self) -> tuple[dict[str, float], set[str], set[str]]:
+        """(due time per scheduled id, ids in flight, held ids): copies, for the queue gauges."""
+        return dict(self._due), set(self._inflight), set(self.held)
 
     @property
     def queued(self) -> int:
@@ -106,13 +118,17 @@ class Scheduler:
                     continue
                 if new is None:
                     self.forget(one)
+                    self.held.discard(one)
                     log.event("deleted", queue_id=one)
                     continue
                 due = new.next_due()
                 if new.held:
                     self.forget(one)
+                    self.held.add(one)
                     log.event("held", queue_id=one)
-                elif due is not None:
+                    continue
+                self.held.discard(one)
+                if due is not None:
                     self.schedule(one, due)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from mta import log
+from mta import log, metrics
 from mta.dane import lookup as dane_lookup
 from mta.dane import verify as dane_verify
 from mta.dane.decide import DaneVerdict
 from mta.delivery.pool import ConnectionPool
-from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, is_address_literal, order_mx
+from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
 from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
 from mta.delivery.transport import (
     DANE,
@@ -95,6 +95,7 @@ class _Attempt:
     sts_note: str = ""
     errors: list[str] = field(default_factory=list)
     policy_errors: list[str] = field(default_factory=list)
+    discovery_failure: Any = None  # StsError of a failed policy discovery, reported with each session
     any_transient: bool = False
     mx_secure: bool = False  # DANE-1: the MX RRset (or implicit-MX addresses) validated
     dane_failed: bool = False  # a DANE host was unusable or failed: defer naming DANE (DANE-7)
@@ -116,16 +117,16 @@ async def _lookup_policy(ctx: AttemptContext, domain: str, att: _Attempt) -> Non
     if ctx.sts is None:
         return
     result = await ctx.sts.get_policy(domain)
+    metrics.sts_lookup(result.source, failed=result.failure is not None or result.reason.startswith("txt-dns-error"))
     att.policy_domain = domain
     if result.source == "override":
         # Operators must see every delivery where their override replaced the published policy.
         log.event("policy", domain=domain, sts_mode=result.policy.mode if result.policy else "none",
                   reason="operator override from [mta_sts.overrides]")
-    if result.failure is not None:
-        # STS-91: a discovery failure is reportable (fetch error / invalid / webpki).
-        ctx.recorder.record(policy_domain=domain, policy=result.policy, success=False,
-                            result_type=result.failure.result_type, mx_host=None, receiving_ip=None,
-                            reason=str(result.failure))
+    # STS-91: a discovery failure is reportable (fetch error / invalid / webpki). RFC 8460 counts
+    # sessions, so it is not a session of its own: each session of this attempt carries it (issue
+    # 10 item 12), also when several deliveries share one lookup (STS-88).
+    att.discovery_failure = result.failure
     if result.policy is not None and result.policy.mode != "none":
         att.policy = result.policy
         att.sts_note = f"MTA-STS policy of {domain} ({result.policy.mode}, id {result.txt_id}, {result.source})"
@@ -175,7 +176,7 @@ async def deliver_domain(ctx: AttemptContext, domain: str, rcpts: Sequence[str],
             return _all(rcpts, PERMANENT, exc.reply, att)
         att.mx_secure = answer_or_exc.secure  # DANE-1: TLSA only below a secure MX RRset
     plans: list[tuple[MxVerdict, list[str] | None]] = [
-        (v, None) for v in filter_mx(att.policy, [c.host for c in candidates])]
+        (v, None) for v in cap_hosts(filter_mx(att.policy, [c.host for c in candidates]))]  # filter, then cap (SMTP-11)
     verify = bool(ctx.relayhost) and ctx.relayhost_tls == "verify"
     return await _try_hosts(ctx, plans, rcpts, sender, data, att, port, eight_bit, smtputf8, verify=verify)
 
@@ -244,6 +245,18 @@ def _record(ctx: AttemptContext, att: _Attempt, results: list[PolicyResult], hos
                             result_type=r.result_type, mx_host=host, receiving_ip=address, reason=r.reason, **extra)
 
 
+def _with_discovery_failure(att: _Attempt, results: list[PolicyResult]) -> list[PolicyResult]:
+    """STS-91: a failed policy discovery is carried by each session's MTA-STS record (issue 10 item 12)."""
+    failure = att.discovery_failure
+    if failure is None:
+        return results
+    marked = PolicyResult(None, None, False, failure.result_type, str(failure))
+    sts = [r for r in results if r.tlsa is None]
+    if not sts:
+        return [*results, replace(marked, policy=att.policy)]
+    return [replace(marked, policy=r.policy) if r.tlsa is None and r.success else r for r in results]
+
+
 def _refuse(ctx: AttemptContext, att: _Attempt, verdict: HostVerdict) -> None:
     """A host that must not be dialled: remembered for the final reply and reported."""
     if verdict.governed_by == DANE:
@@ -259,16 +272,16 @@ def _without_sts(ctx: AttemptContext) -> AttemptContext:
 
 
 async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode,
-                sni: str | None) -> SmtpSession:
-    """A pooled session for this destination, TLS mode and SNI, else a new one."""
+                sni: str | None) -> tuple[SmtpSession, bool]:
+    """A pooled session for this destination, TLS mode and SNI, else a new one; and whether it is new."""
     session = await ctx.pool.get((host, address, port, (mode, sni)))
     if session is not None:
-        return session
+        return session, False
     session = await SmtpSession.open(address=address, port=port, mx_host=host, helo_name=ctx.hostname,
                                      tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts, sni=sni)
     if ctx.relayhost_auth:
         await session.login(*ctx.relayhost_auth)
-    return session
+    return session, True
 
 
 def _judged(ctx: AttemptContext, verdict: HostVerdict, session: SmtpSession) -> tuple[TlsInfo | None, TlsInfo | None]:
@@ -298,7 +311,7 @@ async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, 
     relay = f"{host}[{address}]:{port}"
     mode = TlsMode(verdict.tls)
     try:
-        session = await _open(ctx, host, address, port, mode, verdict.sni)
+        session, new = await _open(ctx, host, address, port, mode, verdict.sni)
     except TlsRequiredError as exc:
         att.policy_errors.append(f"{relay}: {exc.reply.text}")
         att.dane_failed = att.dane_failed or verdict.governed_by == DANE  # DANE-2: never plaintext
@@ -309,9 +322,12 @@ async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, 
         att.any_transient = True
         return None
     tls, pkix = _judged(ctx, verdict, session)
+    if new:  # verified as the verdict judged it (PKIX, or TLSA under DANE)
+        metrics.tls_session(tls.version if tls else None, bool(tls and tls.verified))
     judgement = judge_session(verdict, session.starttls_offered, tls)
     # One record per session and applied policy; sessions without a policy only with record_all_sessions.
-    _record(ctx, att, session_results(verdict, session.starttls_offered, tls, pkix), host, address)
+    results = session_results(verdict, session.starttls_offered, tls, pkix)
+    _record(ctx, att, _with_discovery_failure(att, results), host, address)
     if not judgement.ok:
         await ctx.pool.discard(session)
         att.policy_errors.append(f"{relay}: {judgement.reason}")

@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from mta.errors import PermanentDeliveryError
 from mta.model import SmtpReply
+
+#: SMTP-11 [DECISION]: at most this many MX hosts the policy allows are tried per attempt (as Exim
+#: and Postfix cap them), so a hostile MX set cannot make one attempt unbounded. The cap is applied
+#: AFTER the MTA-STS filter (issue 10 item 4): a policy-listed MX further down is still tried.
+MAX_MX_HOSTS = 10
 
 #: `MxAnswer.kind` values.
 MX = "mx"  # one or more real MX records
@@ -124,3 +131,33 @@ def order_mx(answer: MxAnswer, own_hostname: str, rng: random.Random) -> list[Ca
         rng.shuffle(hosts)
         ordered.extend(Candidate(host=h, preference=preference) for h in hosts)
     return ordered
+
+
+class _Judged(Protocol):
+    @property
+    def allowed(self) -> bool: ...
+
+
+J = TypeVar("J", bound=_Judged)
+
+
+def cap_hosts(verdicts: Sequence[J], limit: int = MAX_MX_HOSTS) -> list[J]:
+    """The verdicts one attempt acts on, in order: up to `limit` allowed hosts (SMTP-11).
+
+    Called with the policy's verdicts (`sts.decide.filter_mx`), so hosts the policy refuses do not
+    use up the cap and a policy-listed MX below many others is still tried (issue 10 item 4).
+    Refused hosts ahead of the last kept allowed one are kept too (they are reported, STS-92),
+    at most `limit` of them, so a hostile MX set cannot flood the TLS report either.
+    """
+    kept: list[J] = []
+    allowed = refused = 0
+    for verdict in verdicts:
+        if allowed >= limit:
+            break
+        if verdict.allowed:
+            allowed += 1
+            kept.append(verdict)
+        elif refused < limit:
+            refused += 1
+            kept.append(verdict)
+    return kept

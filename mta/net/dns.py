@@ -18,10 +18,11 @@ and TXT: "nothing there") and nothing else is decided: ordering MX hosts is `mta
 - A small positive cache honours the answer TTL up to MAX_POSITIVE_TTL; authoritative negatives are
   kept at most MAX_NEGATIVE_TTL; temporary failures are never cached.
 - Answers a remote zone controls are bounded in what they can make an attempt do: at most
-  MAX_MX_HOSTS MX hosts (the most preferred; ties cut in name order) and MAX_ADDRESSES addresses
-  per family and host are returned, so a zone with hundreds of MX records or addresses cannot
-  make one attempt dial or look up hundreds of hosts (cf. Exim's hosts_max_try, Postfix's
-  smtp_mx_address_limit). CNAME loops and over-long chains are temporary failures.
+  MAX_ADDRESSES addresses per family and host are returned (cf. Postfix's smtp_mx_address_limit).
+  Every MX record is returned (a DNS message bounds their number): the MX host cap
+  (`route.MAX_MX_HOSTS`, cf. Exim's hosts_max_try) is applied after the MTA-STS filter, so a
+  policy-listed MX below many others is still tried (issue 10 item 4). CNAME loops and
+  over-long chains are temporary failures.
 """
 
 from __future__ import annotations
@@ -42,15 +43,14 @@ import dns.rdatatype
 import dns.resolver
 
 from mta.dane.records import TlsaAnswer, TlsaRecord
-from mta.delivery.route import IMPLICIT, MX, NULL, MxAnswer
+from mta.delivery.route import IMPLICIT, MAX_MX_HOSTS, MX, NULL, MxAnswer
 from mta.errors import DnsError, DnsPermanentError, DnsTemporaryError
 
-__all__ = ["Addresses", "AiohttpResolver", "MxAnswer", "Resolver", "TlsaAnswer", "to_ascii"]
+__all__ = ["MAX_MX_HOSTS", "Addresses", "AiohttpResolver", "MxAnswer", "Resolver", "TlsaAnswer", "to_ascii"]
 
 MAX_POSITIVE_TTL = 300.0  # seconds; a long TTL must not pin a stale MX or TXT for hours
 MAX_NEGATIVE_TTL = 5.0  # seconds; a newly published record is seen almost at once
 MAX_CACHE_ENTRIES = 4096
-MAX_MX_HOSTS = 10  # MX hosts one lookup yields (hostile-zone bound; see the module docstring)
 MAX_ADDRESSES = 8  # addresses per family (A, AAAA) one host yields
 
 _OK, _NXDOMAIN, _NODATA = "ok", "nxdomain", "nodata"
@@ -78,8 +78,8 @@ class _Lookup:
 
     status: str  # _OK | _NXDOMAIN | _NODATA
     rdatas: tuple[object, ...] = ()
+    owner: str = ""  # the name the records belong to after following CNAMEs ("" if unknown)
     secure: bool = False  # AD bit from a trusted validating resolver (only with dnssec)
-    canonical: str = ""  # the owner after following CNAMEs ("" when it is the name asked for)
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class Resolver:
         - NODATA -> kind "implicit", ((0, domain),) when the domain has an A or AAAA record
           (SMTP-4); otherwise DnsPermanentError "no MX and no address" (SMTP-6).
         - A CNAME at the domain is followed by dnspython (SMTP-1); the records are the target's.
-        - At most MAX_MX_HOSTS real exchanges, the most preferred, are returned.
+        - Every real exchange is returned; the host cap comes after the policy filter (route.cap_hosts).
         """
         name = to_ascii(domain)
         found = await self._lookup(name, "MX")
@@ -162,7 +162,7 @@ class Resolver:
         real = tuple(r for r in records if r[1] != ".")
         if not real:
             return MxAnswer(NULL, tuple(records), secure=found.secure)
-        return MxAnswer(MX, real[:MAX_MX_HOSTS], secure=found.secure)
+        return MxAnswer(MX, real, secure=found.secure)
 
     async def addresses(self, host: str, ipv6: bool = True) -> list[str]:
         """IP addresses of `host`: AAAA first (when `ipv6`), then A, each in the order DNS gave (SMTP-11).
@@ -201,7 +201,8 @@ class Resolver:
             else:
                 found.extend(str(rd.address) for rd in result.rdatas[:MAX_ADDRESSES])  # type: ignore[attr-defined]
                 secure = secure and result.secure
-                canonical = canonical or result.canonical
+                if result.owner and result.owner != name:
+                    canonical = canonical or result.owner
         if not found and failure is not None:
             raise failure
         return Addresses(found, secure and bool(found), canonical)
@@ -221,8 +222,15 @@ class Resolver:
         Each record's character-strings are joined with no separator (STS-20) and decoded as
         UTF-8 with replacement, so a stray byte can only make a record invalid, never crash.
         """
-        found = await self._lookup(to_ascii(name), "TXT")
-        return [b"".join(rd.strings).decode("utf-8", errors="replace") for rd in found.rdatas]  # type: ignore[attr-defined]
+        texts, _owner = await self.txt_with_owner(name)
+        return texts
+
+    async def txt_with_owner(self, name: str) -> tuple[list[str], str]:
+        """`txt(name)` and the owner name of the records once CNAMEs are followed (SEED-S6)."""
+        qname = to_ascii(name)
+        found = await self._lookup(qname, "TXT")
+        texts = [b"".join(rd.strings).decode("utf-8", errors="replace") for rd in found.rdatas]  # type: ignore[attr-defined]
+        return texts, found.owner or qname
 
     async def _lookup(self, name: str, rdtype: str) -> _Lookup:
         """Ask (or recall) `name`/`rdtype`; all dnspython exceptions are mapped here."""
@@ -246,13 +254,11 @@ class Resolver:
             # CNAME chain too long, malformed answers and the like: maybe fixed by the publisher later.
             raise DnsTemporaryError(f"{what}: {exc.__class__.__name__}: {exc}") from exc
         secure = self.dnssec and bool(answer.response.flags & dns.flags.AD)
-        canonical = answer.canonical_name.to_text(omit_final_dot=True).lower()
-        canonical = "" if canonical == name else canonical
         if answer.rrset is None:
-            found = _Lookup(_NODATA, secure=secure, canonical=canonical)
+            found = _Lookup(_NODATA, secure=secure)
             self._store(key, found, min(answer.chaining_result.minimum_ttl, MAX_NEGATIVE_TTL))
         else:
-            found = _Lookup(_OK, tuple(answer.rrset), secure=secure, canonical=canonical)
+            found = _Lookup(_OK, tuple(answer.rrset), _host(answer.canonical_name), secure=secure)
             self._store(key, found, min(answer.chaining_result.minimum_ttl, MAX_POSITIVE_TTL))
         return found
 

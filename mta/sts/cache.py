@@ -11,8 +11,18 @@ worker thread; the thread writes the *current* in-memory row, so writes that ove
 still leave the newest state on disk. `touch` (last use, for proactive refresh of domains we
 actually send to, STS-61) is kept in memory and written at most once a minute per domain.
 
-A row that no longer parses (edited by hand, written by a newer version) is ignored with a
-warning rather than failing the relay; the next fetch overwrites it.
+Writes are compare-and-set (issue 10 item 2): `put(entry, expected=...)` replaces the current
+entry only if it is still the one the writer decided from, or if the new entry comes from a later
+fetch; otherwise it is dropped. So a writer holding an old snapshot (a background refresh that
+waited on its gate) can never roll back a newer policy. SQLite gets the same guard: a row is only
+overwritten by a row from a later (or the same) fetch, or when it is the row this process last
+read or wrote, so another process's newer row survives too.
+
+Damage fails closed (issue 10 item 3): a database that cannot be read keeps the in-memory
+entries applying (a fetched policy is kept in memory even when nothing could be loaded) and the
+load is retried on every lookup; a row that no longer parses (edited by hand, written by a newer
+version) is remembered as damaged (`damage()`, `damaged()`), so the service logs an error on every
+discovery of that domain and `mta policy --cache` shows it; the next successful fetch replaces it.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+ANY = object()  # `put` without `expected`: only the fetch-time order counts
 TOUCH_WRITE_INTERVAL = 60.0  # seconds between disk writes of last_used_at for one domain
 
 _SCHEMA = """
@@ -69,26 +80,63 @@ class PolicyCache:
         self._loaded = False
         self._load_lock = asyncio.Lock()
         self._closed = False
+        self._damaged: dict[str, str] = {}  # domain -> why its row could not be read (item 3)
+        self._load_error: str | None = None  # why the table could not be read at all, until it can
+        self._on_disk: dict[str, tuple[str, float]] = {}  # (txt_id, fetched_at) of the row last read/written
 
     # ----- public API ----------------------------------------------------------------------
 
     async def get(self, domain: str) -> CacheEntry | None:
-        """The cached entry for `domain` (fresh or expired; the caller decides), or None."""
+        """The cached entry for `domain` (fresh or expired; the caller decides), or None.
+
+        Raises CacheError while the table cannot be read; `peek` still gives what is in memory.
+        """
         if not self._loaded:
             await self._load()
         return self._entries.get(domain.lower())
 
-    async def put(self, entry: CacheEntry) -> None:
-        """Store `entry`, replacing any previous one for its domain.
+    def peek(self, domain: str) -> CacheEntry | None:
+        """The in-memory entry for `domain`, without touching the database (never raises)."""
+        return self._entries.get(domain.lower())
 
-        Memory is updated first, so this process keeps using the entry even if the disk write
-        fails; the failure is raised as CacheError for the caller to log.
+    def damage(self, domain: str) -> str | None:
+        """Why `domain`'s stored row could not be read, or why the table could not; None if fine."""
+        domain = domain.lower()
+        if domain in self._damaged:
+            return f"stored policy of {domain} is unreadable: {self._damaged[domain]}"
+        if self._load_error is not None:
+            return f"policy cache unreadable: {self._load_error}"
+        return None
+
+    def damaged(self) -> dict[str, str]:
+        """Every damaged row seen by the last load: domain -> why it could not be read."""
+        return dict(self._damaged)
+
+    async def put(self, entry: CacheEntry, expected: CacheEntry | object | None = ANY) -> bool:
+        """Store `entry` unless that would roll back a newer one; True if it was stored.
+
+        `expected` is the entry the caller's decision was based on (None: there was none). The
+        write goes ahead when the current entry is still `expected`, or when `entry` comes from
+        a later fetch than the current one (see `supersedes`). Without `expected` only the second
+        rule applies (a same-time write counts as newer).
+
+        Memory is updated first, so this process keeps using the entry even if the database
+        cannot be read or written; such a failure is raised as CacheError for the caller to log.
         """
+        unreadable: CacheError | None = None
         if not self._loaded:
-            await self._load()
+            try:
+                await self._load()
+            except CacheError as exc:
+                unreadable = exc  # keep the entry in memory all the same, then say so
         domain = entry.domain.lower()
+        if not supersedes(entry, self._entries.get(domain), expected):
+            return False
         self._entries[domain] = entry
+        if unreadable is not None:
+            raise unreadable
         await self._run(self._write_row, domain)
+        return True
 
     async def all(self) -> list[CacheEntry]:
         """Every cached entry, sorted by domain."""
@@ -105,6 +153,10 @@ class PolicyCache:
         if domain in self._entries and now - self._last_used_written.get(domain, float("-inf")) >= TOUCH_WRITE_INTERVAL:
             self._last_used_written[domain] = now
             await self._run(self._write_last_used, domain, now)
+
+    def size(self) -> int:
+        """How many policies are cached (in memory; 0 before the first lookup loads the file)."""
+        return len(self._entries)
 
     def last_used(self, domain: str) -> float | None:
         """When mail last went to `domain` (None if never, as far as this cache knows)."""
@@ -139,14 +191,24 @@ class PolicyCache:
         async with self._load_lock:
             if self._loaded:
                 return
-            rows = await self._run(self._read_all)
+            try:
+                rows = await self._run(self._read_all)
+            except CacheError as exc:
+                self._load_error = str(exc)
+                raise
+            self._load_error = None
             for row in rows:
-                entry = _entry_from_row(row)
-                if entry is not None:
-                    self._entries.setdefault(entry.domain, entry)
-                    if row[8] is not None:
-                        self._last_used.setdefault(entry.domain, float(row[8]))
-                        self._last_used_written.setdefault(entry.domain, float(row[8]))
+                entry, why = _entry_from_row(row)
+                if entry is None:
+                    self._damaged[str(row[0]).lower()] = why
+                    continue
+                self._on_disk[entry.domain] = (entry.txt_id, entry.fetched_at)
+                # Entries put while the table could not be read stay unless the row is newer.
+                if supersedes(entry, self._entries.get(entry.domain), None):
+                    self._entries[entry.domain] = entry
+                if row[8] is not None:
+                    self._last_used.setdefault(entry.domain, float(row[8]))
+                    self._last_used_written.setdefault(entry.domain, float(row[8]))
             self._loaded = True
 
     def _read_all(self) -> list[tuple[Any, ...]]:
@@ -156,8 +218,17 @@ class PolicyCache:
         entry = self._entries.get(domain)  # the newest state, even if a later put overtook us
         if entry is None:
             return
-        self._connection().execute(
-            f"INSERT OR REPLACE INTO policies ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        last_txt, last_at = self._on_disk.get(domain, (None, None))
+        # Compare-and-set on disk too: never replace a row from a later fetch (another process's),
+        # unless it is the row we last read or wrote, or it is damaged (then anything is better).
+        cursor = self._connection().execute(
+            f"INSERT INTO policies ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (domain) DO UPDATE SET txt_id = excluded.txt_id, policy_text = excluded.policy_text, "
+            "dialect = excluded.dialect, fetched_at = excluded.fetched_at, expires_at = excluded.expires_at, "
+            "failed_id = excluded.failed_id, failed_at = excluded.failed_at, last_used_at = excluded.last_used_at "
+            "WHERE typeof(policies.fetched_at) NOT IN ('real', 'integer') "
+            "OR policies.fetched_at <= excluded.fetched_at "
+            "OR (policies.txt_id IS ? AND policies.fetched_at IS ?) OR ?",
             (
                 domain,
                 entry.txt_id,
@@ -168,8 +239,16 @@ class PolicyCache:
                 entry.failed_id,
                 entry.failed_at,
                 self._last_used.get(domain),
+                last_txt,
+                last_at,
+                domain in self._damaged,
             ),
         )
+        if cursor.rowcount == 1:
+            self._on_disk[domain] = (entry.txt_id, entry.fetched_at)
+            self._damaged.pop(domain, None)
+        else:
+            log.error("policy cache %s: not overwriting the newer stored policy of %s", self.path, domain)
 
     def _write_last_used(self, domain: str, now: float) -> None:
         self._connection().execute("UPDATE policies SET last_used_at = ? WHERE domain = ?", (now, domain))
@@ -181,7 +260,23 @@ class PolicyCache:
                 self._conn = None
 
 
-def _entry_from_row(row: tuple[Any, ...]) -> CacheEntry | None:
+def supersedes(new: CacheEntry, current: CacheEntry | None, expected: CacheEntry | object | None = ANY) -> bool:
+    """Whether writing `new` over `current` is allowed (compare-and-set, issue 10 item 2).
+
+    Allowed when nothing is cached, when `current` is still the `expected` entry the writer
+    decided from, or when `new` comes from a later fetch. An entry from an older fetch (a stale
+    snapshot marked as failed, say) never replaces a newer one. Without `expected`, a write from
+    the same fetch time also goes ahead.
+    """
+    if current is None:
+        return True
+    if expected is not ANY:
+        return current == expected or new.fetched_at > current.fetched_at
+    return new.fetched_at >= current.fetched_at
+
+
+def _entry_from_row(row: tuple[Any, ...]) -> tuple[CacheEntry | None, str]:
+    """(entry, "") for a good row, (None, why) for one that no longer parses (logged as an error)."""
     domain, txt_id, text, dialect, fetched_at, expires_at, failed_id, failed_at, _used = row
     try:
         policy = parse_policy(str(text), dialect=str(dialect))
@@ -193,7 +288,7 @@ def _entry_from_row(row: tuple[Any, ...]) -> CacheEntry | None:
             expires_at=float(expires_at),
             failed_id=None if failed_id is None else str(failed_id),
             failed_at=None if failed_at is None else float(failed_at),
-        )
+        ), ""
     except (StsPolicyError, TypeError, ValueError) as exc:
-        log.warning("policy cache: ignoring unreadable entry for %r: %s", domain, exc)
-        return None
+        log.error("policy cache: the stored policy of %r is unreadable and is not applied: %s", domain, exc)
+        return None, str(exc)

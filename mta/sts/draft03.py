@@ -43,9 +43,14 @@ def parse_draft_txt(text: str) -> StsRecord:
     return StsRecord(m.group(1))
 
 
+def is_draft_record(text: str) -> bool:
+    """Whether a TXT record counts as a draft-03 STS record at all (SEED-5)."""
+    return isinstance(text, str) and _DRAFT_PREFIX.match(text) is not None
+
+
 def select_draft_txt(texts: Sequence[str]) -> StsRecord:
     """Exactly one record starting `v=STSv1;` (draft spelling) must exist (SEED-5)."""
-    candidates = [t for t in texts if isinstance(t, str) and _DRAFT_PREFIX.match(t)]
+    candidates = [t for t in texts if is_draft_record(t)]
     if len(candidates) != 1:
         raise StsRecordError(f"{len(candidates)} draft-03 v=STSv1 records")
     return parse_draft_txt(candidates[0])

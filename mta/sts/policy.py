@@ -9,6 +9,9 @@ silently downgrade a domain to "no policy":
 
 - STS-19: a record is an STS record when it starts with `v=STSv1`, optional spaces/tabs, `;`.
 - STS-22: `id` given twice -> the first one wins.
+- Issue 10 item 5: trailing spaces/tabs after the last field without a `;` (`v=STSv1; id=abc `)
+  are outside the ABNF: the record is invalid (STS-12). Strictness costs nothing here: a cached
+  policy still applies (STS-56), and whoever can add the space could delete the record instead.
 - A field whose name is a known one (`id`; `version`, `mode`, `max_age`, `mx`) must carry a valid
   value; it is never re-read as an extension field (STS-12, STS-44, STS-50).
 - STS-47: blank lines inside a policy are rejected; trailing blank lines/whitespace are tolerated.
@@ -72,7 +75,12 @@ def parse_txt_record(text: str) -> StsRecord:
         raise StsRecordError("v=STSv1 is not followed by ';'")
     fields = parts[1:]
     if not fields[-1].strip(_WSP):
-        fields = fields[:-1]  # one optional trailing delimiter
+        fields = fields[:-1]  # one optional trailing delimiter (with the spaces/tabs it may carry)
+    elif fields[-1].rstrip(_WSP) != fields[-1]:
+        # Issue 10 item 5 [DECISION]: in the §3.1 ABNF, whitespace only occurs inside
+        # sts-field-delim (*WSP ";" *WSP), so `id=abc ` with no ";" after it is outside the grammar,
+        # and §3.1 says a syntactically invalid record MUST mean "no policy".
+        raise StsRecordError("whitespace after the last field must be followed by ';'")
     if not fields:
         raise StsRecordError("record has no fields")
     record_id: str | None = None

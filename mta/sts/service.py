@@ -24,7 +24,7 @@ from typing import Any
 
 from mta.errors import DnsError, DnsPermanentError, MtaError, StsError, StsRecordError
 from mta.net.dns import Resolver, to_ascii
-from mta.sts.cache import PolicyCache
+from mta.sts.cache import ANY, PolicyCache
 from mta.sts.decide import (
     Action,
     CacheEntry,
@@ -134,15 +134,24 @@ class StsService:
         now = self.clock()
         cached = await self._cached(name)
         rfc_cached = cached if cached is not None and cached.policy.dialect == RFC else None
+        draft_cached = cached if cached is not None and cached.policy.dialect == DRAFT else None
         txt = await self._txt(f"{TXT_LABEL}.{name}", select_txt_record)
         rfc_fresh = rfc_cached is not None and rfc_cached.fresh(now)
         if self.draft03_compat and txt.kind != "record" and not rfc_fresh:
             # SEED-S2: nothing usable from the RFC record and no RFC policy in force.
-            draft_txt = await self._txt(f"{DRAFT_TXT_LABEL}.{name}", select_draft_txt)
-            draft_cached = cached if cached is not None and cached.policy.dialect == DRAFT else None
+            draft_txt = await self._txt(f"{DRAFT_TXT_LABEL}.{name}", select_draft_txt, dialect=DRAFT)
             if draft_txt.kind == "record" or (draft_cached is not None and draft_cached.fresh(now)):
                 return await self._carry_out(name, draft_cached, draft_txt, DRAFT, now)
-        return await self._carry_out(name, rfc_cached, txt, RFC, now)
+        result = await self._carry_out(name, rfc_cached, txt, RFC, now)
+        # Issue 10 item 1 / SEED-S2: an RFC record whose policy could not be fetched (or is in its
+        # back-off) replaces nothing: a fresh cached draft-03 policy stays in force until a
+        # successful, authenticated fetch replaces it. Otherwise a DNS attacker could publish an
+        # RFC record and block its fetch to turn enforcement off.
+        keep_draft = draft_cached is not None and draft_cached.fresh(now) and self.draft03_compat
+        if result.policy is None and result.source == "none" and keep_draft and draft_cached is not None:
+            report = result.failure if draft_cached.policy.mode != "none" else None  # STS-65
+            return PolicyResult(name, draft_cached.policy, draft_cached.txt_id, "cache", result.reason, report)
+        return result
 
     async def _carry_out(
         self, name: str, cached: CacheEntry | None, txt: TxtOutcome, dialect: str, now: float
@@ -175,7 +184,9 @@ class StsService:
             now = self.clock()
             failed_entry = after_fetch_failure(cached, name, txt_id, now)
             if failed_entry is not None:
-                await self._store(failed_entry)
+                # Compare-and-set: if a newer policy was stored meanwhile, our snapshot is stale
+                # and marking it must not roll that policy back (issue 10 item 2).
+                await self._store(failed_entry, expected=cached)
             else:
                 self._failed[(dialect, name)] = (txt_id, now)
             reason = f"fetch-failed ({exc.result_type}): {exc}"
@@ -185,15 +196,19 @@ class StsService:
             return PolicyResult(name, None, txt_id, "none", reason, exc)  # STS-37
         self._failed.pop((dialect, name), None)
         entry = after_fetch_success(name, txt_id, policy, self.clock())
+        # A successful fetch is the newest state there is: stored unless an entry from a later
+        # fetch is already there (fetch-time order), whichever dialect was cached before.
         await self._store(entry)
         return PolicyResult(name, policy, txt_id, "fetched", "fetched")
 
-    async def _txt(self, qname: str, select: Callable[[Sequence[str]], StsRecord]) -> TxtOutcome:
+    async def _txt(
+        self, qname: str, select: Callable[[Sequence[str]], StsRecord], dialect: str = RFC
+    ) -> TxtOutcome:
         """TXT lookup -> TxtOutcome; a bad record set is "none" with the reason (STS-11/12/24)."""
         try:
-            texts = await self.resolver.txt(qname)
+            texts, owner = await self.resolver.txt_with_owner(qname)
         except DnsPermanentError:
-            texts = []
+            texts, owner = [], qname
         except DnsError as exc:
             return TxtOutcome("error", reason=f"txt-dns-error: {exc}")
         if not texts:
@@ -202,25 +217,51 @@ class StsService:
             record = select(texts)
         except StsRecordError as exc:
             return TxtOutcome("none", reason=f"no-usable-record: {exc}")
+        if dialect == DRAFT and owner != qname:
+            # SEED-S6: mta-sts.<domain> is usually a CNAME to the policy host's provider, so a
+            # draft record found only behind it may be the provider's, not the domain's.
+            log.warning(
+                "draft-03 MTA-STS record for %s was reached through a CNAME to %s: it may belong to "
+                "the hosting provider rather than the domain (SEED-S6)",
+                qname,
+                owner,
+            )
         return TxtOutcome("record", record.id)
 
     async def _cached(self, name: str) -> CacheEntry | None:
+        """The cached entry; cache damage is logged as an error on every lookup it touches (item 3)."""
         try:
-            return await self.cache.get(name)
+            entry = await self.cache.get(name)
         except MtaError as exc:
-            log.warning("policy cache unreadable, continuing without it: %s", exc)
-            return None
+            entry = self.cache.peek(name)  # what this process holds in memory still applies
+            log.error("MTA-STS %s; %s", exc, _applies(name, entry))
+            return entry
+        damage = self.cache.damage(name)
+        if damage is not None:
+            log.error("MTA-STS %s; %s", damage, _applies(name, entry))
+        return entry
 
-    async def _store(self, entry: CacheEntry) -> None:
+    async def _store(self, entry: CacheEntry, expected: CacheEntry | object | None = ANY) -> None:
+        """Write `entry`; `expected` makes it a compare-and-set against that snapshot (item 2)."""
         try:
-            await self.cache.put(entry)
+            stored = await self.cache.put(entry, expected)
         except MtaError as exc:
-            log.warning("could not store the policy of %s: %s", entry.domain, exc)
+            log.error("could not store the MTA-STS policy of %s (kept in memory only): %s", entry.domain, exc)
+            return
+        if not stored:
+            log.info("MTA-STS policy of %s changed meanwhile; the newer one is kept", entry.domain)
 
     # ----- proactive refresh (STS-61/62) ---------------------------------------------------
 
-    async def refresh_once(self, now: float | None = None, concurrency: int = 4) -> list[PolicyResult]:
-        """Refetch the cached policies that are due, for domains used recently; returns the results."""
+    async def refresh_once(
+        self, now: float | None = None, concurrency: int = 4, gate: asyncio.Semaphore | None = None
+    ) -> list[PolicyResult]:
+        """Refetch the cached policies that are due, for domains used recently; returns the results.
+
+        At most `concurrency` refetches run at once (`gate`, if given, is used instead). An entry
+        may be replaced while its refresh waits for the gate; the cache's compare-and-set then
+        keeps the newer entry (issue 10 item 2).
+        """
         now = self.clock() if now is None else now
         due = []
         for entry in await self.cache.all():
@@ -229,7 +270,7 @@ class StsService:
                 continue
             if refresh_due(entry, now, self.rng):
                 due.append(entry)
-        gate = asyncio.Semaphore(max(1, concurrency))
+        gate = gate or asyncio.Semaphore(max(1, concurrency))
 
         async def one(entry: CacheEntry) -> PolicyResult:
             async with gate:
@@ -239,6 +280,9 @@ class StsService:
 
     async def _refresh(self, entry: CacheEntry) -> PolicyResult:
         """Refetch regardless of the TXT id (STS-61); a changed id is adopted, a lost one kept."""
+        # The snapshot may be stale (replaced while the refresh waited for its gate): work from the
+        # current entry, so a failed fetch neither hands out nor marks an old policy (item 2).
+        entry = self.cache.peek(entry.domain) or entry
         label, select = (
             (TXT_LABEL, select_txt_record)
             if entry.policy.dialect == RFC
@@ -247,7 +291,7 @@ class StsService:
                 select_draft_txt,
             )
         )
-        txt = await self._txt(f"{label}.{entry.domain}", select)
+        txt = await self._txt(f"{label}.{entry.domain}", select, dialect=entry.policy.dialect)
         txt_id = txt.id if txt.kind == "record" and txt.id else entry.txt_id
         result = await self._fetch(entry.domain, entry, entry, txt_id, entry.policy.dialect)
         if result.source != "fetched" and entry.policy.mode != "none":
@@ -265,6 +309,12 @@ class StsService:
             # jitter so many relays (or restarts) don't refresh in lockstep
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval * self.rng.uniform(0.75, 1.25))
+
+
+def _applies(name: str, entry: CacheEntry | None) -> str:
+    if entry is None:
+        return f"no cached policy of {name} can be applied until a fetch succeeds"
+    return f"the policy of {name} held in memory (id {entry.txt_id}) still applies"
 
 
 def _normalise(domain: str) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 import certifi
 
-from mta import log
+from mta import log, metrics
 from mta.config import Config, TlsRptConfig
 from mta.errors import ConfigError, DnsError, MtaError, SpoolError
 from mta.net.dns import AiohttpResolver, Resolver, to_ascii
@@ -262,7 +262,9 @@ class ReportSender:
             await self.store.put(meta, data)
         except (SpoolError, ConfigError, ValueError, UnicodeError) as exc:
             _log.error("tlsrpt: cannot queue the report of %s to %s: %s", report.domain, address, exc)
+            metrics.tlsrpt_report("mailto", False)
             return False, f"mailto:{address} failed: {exc}"
+        metrics.tlsrpt_report("mailto", True)
         if self.on_queued is not None:
             self.on_queued(meta)
         return True, f"mailto:{address} queued as {meta.id}"
@@ -273,7 +275,9 @@ class ReportSender:
                                        backoff=self.https_backoff, timeout=self.https_timeout)
         except ReportDeliveryError as exc:
             _log.warning("tlsrpt: report of %s not delivered: %s", report.domain, exc)
+            metrics.tlsrpt_report("https", False)
             return False, f"{exc}"
+        metrics.tlsrpt_report("https", True)
         return True, f"{url}: {status}"
 
     async def catch_up(self, today: datetime.date) -> list[DomainResult]:

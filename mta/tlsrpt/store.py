@@ -157,7 +157,7 @@ class ResultStore:
     def record(self, *, policy_domain: str, policy: Policy | None, success: bool, result_type: str | None,
                mx_host: str | None, receiving_ip: str | None, reason: str = "",
                sending_ip: str | None = None, tlsa: Sequence[str] | None = None) -> None:
-        """Count one session (or one failed policy discovery); in-memory only, no I/O.
+        """Count one session (failed when its policy discovery failed, STS-91); in-memory only, no I/O.
 
         `tlsa` (the RRset as presentation lines) records the session under DANE instead of `policy`.
         """

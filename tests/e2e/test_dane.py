@@ -254,4 +254,4 @@ def test_dane_policy_probe_shows_dnssec_tlsa_match_and_governing_policy(dane: Da
     assert plain["dnssec"]["address"] == "insecure" and plain["dane"].startswith("none")
     assert plain["policy"] == "none" and plain["tlsa"] == []
     text = run_cli(config, "policy", "dane.test", "--probe", timeout=60).stdout
-    assert "tlsa_match=True policy=dane" in text and "TLSA 3 1 1" in text
+    assert "tlsa_match=yes policy=dane" in text and "TLSA 3 1 1" in text

@@ -9,6 +9,8 @@ import json
 import time
 from typing import Any
 
+import pytest
+
 from tests.support.fake_mx import USER_UNKNOWN
 from tests.support.relay import RelayProcess, run_cli
 from tests.support.world import World
@@ -65,6 +67,7 @@ def test_smtp_4_implicit_mx(world: World) -> None:
     assert msg.rcpt_tos == ["bob@plain.test"]
 
 
+@pytest.mark.req("NMX-2", "DSN-3")
 def test_nmx_1_null_mx_bounces_5_1_10_without_connecting(world: World) -> None:
     world.zone.add("nullmx.test", "MX", "0 .")
     world.zone.add("nullmx.test", "A", "127.0.0.26")  # NMX-2: never used
@@ -117,6 +120,7 @@ def test_4xx_then_success_after_flush(world: World) -> None:
     assert queue(relay) == []
 
 
+@pytest.mark.req("SMTP-17", "DSN-4", "DSN-5", "DSN-7")
 def test_smtp_19_mixed_results_and_dsn_fields(world: World) -> None:
     """One RCPT 550 -> only that recipient bounces; one DSN lists it with the remote reply (DSN-4/5/7)."""
     mx = world.mx_host("mx.dst.test", "127.0.0.28", rcpt_replies={"gone@dst.test": USER_UNKNOWN})

@@ -20,6 +20,7 @@ def enforce_world(world: World, cert: str | None = "valid", patterns: list[str] 
     return mx
 
 
+@pytest.mark.req("STS-2", "STS-79")
 def test_sts_1_55_enforce_valid_mx_delivered_and_cached(world: World) -> None:
     mx = enforce_world(world)
     relay = world.relay()

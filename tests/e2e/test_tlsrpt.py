@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import dkim
+import pytest
 
 from tests.support.relay import run_cli
 from tests.support.world import World
@@ -61,6 +62,7 @@ def dkim_key(world: World) -> tuple[str, bytes]:
     return str(path), b"v=DKIM1; k=rsa; s=tlsrpt; p=" + base64.b64encode(der)
 
 
+@pytest.mark.req("RPT-8", "RPT-9", "RPT-11", "RPT-16", "RPT-18", "RPT-23", "STS-92")
 def test_rpt_day_of_mixed_outcomes_reported_once_by_mail(world: World) -> None:
     build(world)
     key_file, key_record = dkim_key(world)

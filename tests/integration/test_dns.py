@@ -123,6 +123,7 @@ async def test_smtp_9_mx_records_normalised_and_sorted(server: FakeDns, zone: Zo
     assert server.queries == [("example.test", "MX")]
 
 
+@pytest.mark.req("NMX-2")
 @pytest.mark.parametrize("records", [["0 ."], ["10 ."], ["0 .", "20 ."]])
 async def test_nmx_1_nmx_4_root_exchange_alone_is_null_mx(server: FakeDns, zone: Zone, records: list[str]) -> None:
     for value in records:

@@ -114,6 +114,7 @@ async def test_sts_92_may_starttls_refused_continues_in_plaintext(pki: TestPki, 
     assert rec.verbs[:3] == ["EHLO", "STARTTLS", "MAIL"] and mx.messages[0].tls_version is None
 
 
+@pytest.mark.req("STS-77", "STS-78", "ID-6")
 @pytest.mark.parametrize(("kind", "result_type"), [
     ("wrong-name", "certificate-host-mismatch"),  # STS-77: SAN mx2 for MX mx1
     ("parent-only", "certificate-host-mismatch"),  # STS-77: SAN example.com only
@@ -252,6 +253,7 @@ async def test_smtp_31_greeting_timeout(pki: TestPki, fake_mx: Any) -> None:
 
 # --- the transaction (RFC 5321 §3.3, §4.2, §4.5.3) -----------------------------------------------
 
+@pytest.mark.req("SMTP-17")
 async def test_smtp_19_per_recipient_replies_in_one_transaction(pki: TestPki, fake_mx: Any) -> None:
     mx = await fake_mx(rcpt_replies={"gone@example.com": USER_UNKNOWN})
     session = await open_session(mx, pki)

@@ -180,6 +180,7 @@ async def test_sts_57_removed_record_keeps_policy_until_expiry(world: World) -> 
     assert world.fetches == 1
 
 
+@pytest.mark.req("STS-36", "STS-91")
 @pytest.mark.parametrize(
     "failure",
     [

@@ -206,6 +206,7 @@ async def test_sts_93_flush_loop_makes_counts_visible_within_the_interval(tmp_pa
     reader.close_sync()
 
 
+@pytest.mark.req("STS-91")
 async def test_sts_65_mode_none_and_policyless_sessions_are_not_recorded(tmp_path: Path) -> None:
     """STS-65: a policy in mode none counts as no policy; sessions without a policy are only counted
     with record_all_sessions (as no-policy-found); an sts-* discovery failure without any policy is
