@@ -26,6 +26,7 @@ import aiosmtplib
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from tests.support.dkim import make_key
 from tests.support.dnssec import SignedZone, Unbound
 from tests.support.relay import listen_address
 from tests.support.world import World
@@ -51,9 +52,11 @@ def main() -> int:
             world.domain("dst.test", [(10, "mx1.dst.test")])
             if args.mode == "enforce":
                 world.sts("dst.test", "enforce", ["mx1.dst.test"])
-            extra: dict[str, object] = {"tlsrpt": {
-                "enabled": True, "contact_info": "t@relay.test", "report_sender": "r@relay.test",
-                "db_path": str(tmp / "rpt.db")}} if args.tlsrpt else {}
+            extra: dict[str, object] = {}
+            if args.tlsrpt:
+                key = make_key(tmp / "keys", "relay.test", "rpt")  # report mails must be signed (RPT-18)
+                extra = {"tlsrpt": {"enabled": True, "contact_info": "t@relay.test", "report_sender": "r@relay.test",
+                                    "db_path": str(tmp / "rpt.db")}, "dkim": {"keys": [key.config()]}}
             if zone is not None:
                 leaf = world.pki.leaf("mx1.dst.test")
                 mx.tls_context = leaf.server_context()

@@ -20,6 +20,7 @@ from mta.config import Config, parse_hostport
 from mta.delivery.attempt import AttemptContext
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.smtp_client import Timeouts
+from mta.delivery.unreachable import UnreachableHosts
 from mta.delivery.worker import Worker
 from mta.errors import SpoolError
 from mta.net.dns import Resolver
@@ -97,6 +98,7 @@ class Relay:
             secret = Path(cfg.delivery.relayhost_password_file).read_text().strip()
             relay_auth = (cfg.delivery.relayhost_username, secret)
         self.recorder = self._build_recorder()
+        unreachable = UnreachableHosts(cfg.delivery.unreachable_time)  # SMTP-37
         self.ctx = AttemptContext(
             hostname=cfg.hostname, resolver=self.resolver, pool=self.pool, timeouts=build_timeouts(cfg),
             smtp_port=cfg.delivery.smtp_port, ipv6=cfg.delivery.ipv6, ca_file=cfg.tls.ca_file or None,
@@ -104,9 +106,11 @@ class Relay:
             relayhost=parse_hostport(cfg.delivery.relayhost) if cfg.delivery.relayhost else None,
             relayhost_tls=cfg.delivery.relayhost_tls, relayhost_auth=relay_auth, rng=random.Random(),
             dane=cfg.dane.enabled and cfg.dns.dnssec,
+            unreachable=unreachable,
         )
         self.worker = Worker(self.store, self.ctx, cfg.delivery, on_new_message=self.on_new_message)
-        self.scheduler = Scheduler(self.store, self.worker.deliver, cfg.delivery.concurrency)
+        self.scheduler = Scheduler(self.store, self.worker.deliver, cfg.delivery.concurrency,
+                                   on_flush=unreachable.clear)
         self.listeners: Listeners | None = None  # only when the listeners run in this process
         self.scheduler_task: asyncio.Task[None] | None = None
         self.http: object | None = None  # the operations endpoint (mta.http), when [http] listen is set
@@ -140,7 +144,11 @@ class Relay:
             self.store.lock()
         started = time.monotonic() - resume_seconds  # recovery may have run before the fork
         if resumed is None:
-            resumed = await asyncio.to_thread(resume, self.store)
+            def guarded() -> list[tuple[str, float]]:
+                with self.store.writers_excluded():  # no `sendmail` writes during the scan
+                    return resume(self.store)
+
+            resumed = await asyncio.to_thread(guarded)
         for qid, due in resumed:
             if due is None:
                 self.scheduler.held.add(qid)

@@ -1,6 +1,7 @@
 """Command-line interface: parses arguments, formats output and exit codes; no business logic.
 
     mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
+        | dkim keygen|check | sendmail
 Every command takes --config F (default: $MTA_CONFIG, else config.toml). Exit codes: 0 ok, 1 error, 2 usage.
 """
 
@@ -79,7 +80,9 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from mta.app import resume, serve
+    from mta.dkim.signer import Signer
 
+    Signer.from_config(cfg)  # a key that cannot sign stops us here, before any fork (as check-config)
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None
     resumed: list[tuple[str, float | None]] | None = None
@@ -93,9 +96,11 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         store.prepare()
         store.lock()
         assert store._lock_fd is not None
-        store.wait_for_writers()
         t0 = time.monotonic()
-        resumed = resume(store)
+        # Exclusive writers' lock during recovery: a child of a killed server or a `sendmail`
+        # caught mid-write finishes first, and new ones wait until the scan is done.
+        with store.writers_excluded():
+            resumed = resume(store)
         resume_seconds = time.monotonic() - t0
         child = spawn(cfg, close_fds=(store._lock_fd,))
     return runtime.run(serve(cfg, store, child, resumed, resume_seconds))
@@ -114,6 +119,9 @@ def system_nameservers(path: str = "/etc/resolv.conf") -> list[str]:
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     for warning in config_mod.dnssec_warnings(cfg, system_nameservers()):
         print(f"{cfg.source}: warning: {warning}", file=sys.stderr)
+    from mta.dkim.keys import load_keys
+
+    load_keys(cfg.dkim, cfg.source)  # unreadable, wrong-type or too short DKIM keys (DKIM-3)
     applied = config_mod.env_applied(os.environ)
     print(f"{cfg.source}: ok" + (f" (overridden by {', '.join(applied)})" if applied else ""))
     return 0
@@ -173,10 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     from mta.cli_tlsrpt import add_tlsrpt_parser
 
     add_tlsrpt_parser(sub, common)
+    from mta.cli_dkim import add_dkim_parser
+
+    add_dkim_parser(sub, common)
+    # Listed for --help only: main() hands `mta sendmail ...` to mta.sendmail before argparse.
+    sub.add_parser("sendmail", help="sendmail-compatible submission: mta sendmail [--config F] [-t] [-i] ... [rcpt]")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sendmail"]:
+        # sendmail's flags (-t, -FCronDaemon, -oi ...) are not argparse's: its own parser takes them.
+        from mta.sendmail.main import mta_main
+
+        return mta_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "raw", None):
         return int(args.raw(args))

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -44,7 +45,15 @@ from mta.delivery.transport import (
     refusal_results,
     session_results,
 )
-from mta.errors import DeliveryError, DnsError, DnsPermanentError, PermanentDeliveryError, TransientDeliveryError
+from mta.delivery.unreachable import UnreachableHosts
+from mta.errors import (
+    DeliveryError,
+    DnsError,
+    DnsPermanentError,
+    HostUnreachableError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 from mta.model import SmtpReply, TlsInfo
 from mta.net.dns import Resolver
 from mta.net.tls import verify_chain
@@ -83,6 +92,8 @@ class AttemptContext:
     relayhost_tls: str = "verify"
     relayhost_auth: tuple[str, str] | None = None
     rng: random.Random = field(default_factory=random.Random)
+    unreachable: UnreachableHosts | None = None  # SMTP-37: shared by every attempt of the process
+    clock: Callable[[], float] = time.monotonic
     dane: bool = False  # [dane] enabled with [dns] dnssec: TLSA lookups below secure MX RRsets
 
 
@@ -310,6 +321,13 @@ async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, 
     host = verdict.host
     relay = f"{host}[{address}]:{port}"
     mode = TlsMode(verdict.tls)
+    down = ctx.unreachable
+    if down is not None and down.skipped((address, port), ctx.clock()):
+        # SMTP-37: no connect timeout per message for a dead host; a deferral, never a bounce.
+        wait = down.remaining((address, port), ctx.clock())
+        att.errors.append(f"{relay}: skipped for {wait:.0f} s more, it refused or timed out recently")
+        att.any_transient = True
+        return None
     try:
         session, new = await _open(ctx, host, address, port, mode, verdict.sni)
     except TlsRequiredError as exc:
@@ -320,7 +338,11 @@ async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, 
     except DeliveryError as exc:
         att.errors.append(f"{relay}: {exc.reply}")
         att.any_transient = True
+        if down is not None and isinstance(exc, HostUnreachableError):
+            down.mark((address, port), ctx.clock())
         return None
+    if down is not None:
+        down.forget((address, port))
     tls, pkix = _judged(ctx, verdict, session)
     if new:  # verified as the verdict judged it (PKIX, or TLSA under DANE)
         metrics.tls_session(tls.version if tls else None, bool(tls and tls.verified))

@@ -62,16 +62,25 @@ class Worker:
 
     async def _attempt(self, domain: str, rcpts: list[str], meta: MessageMeta, data: bytes) -> dict[str, Outcome]:
         async with self._slot(domain):
+            # DLV-1: one deadline for the whole attempt, so a hostile MX list (many hosts and
+            # addresses, each slow just below its own timeouts) cannot hold a worker for their sum.
+            deadline = asyncio.timeout(self.cfg.attempt_timeout)
             try:
-                started = time.monotonic()
-                outcomes = await deliver_domain(self.ctx, domain, rcpts, meta.sender, data,
-                                                eight_bit=meta.eight_bit, smtputf8=meta.smtputf8,
-                                                apply_sts=meta.kind != "report")
+                async with deadline:
+                    started = time.monotonic()
+                    outcomes = await deliver_domain(self.ctx, domain, rcpts, meta.sender, data,
+                                                    eight_bit=meta.eight_bit, smtputf8=meta.smtputf8,
+                                                    apply_sts=meta.kind != "report")
                 metrics.attempt_finished(time.monotonic() - started, (o.kind for o in outcomes.values()))
                 return outcomes
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug must defer, never lose or bounce mail
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    metrics.attempt_finished(self.cfg.attempt_timeout, [state.TRANSIENT])
+                    reply = SmtpReply(451, f"attempt to {domain} stopped at its deadline "
+                                           f"(delivery.attempt_timeout = {self.cfg.attempt_timeout:g} s)", "4.4.1")
+                    return {r: Outcome(state.TRANSIENT, reply) for r in rcpts}
                 _log.exception("delivery to %s failed unexpectedly", domain)
                 reply = SmtpReply(451, f"local error: {type(exc).__name__}: {exc}", "4.3.0")
                 return {r: Outcome(state.TRANSIENT, reply) for r in rcpts}
