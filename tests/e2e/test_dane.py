@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from tests.support.dkim import make_key
 from tests.support.dnssec import SignedZone, Unbound
 from tests.support.fake_mx import FakeMx
 from tests.support.pki import Leaf
@@ -145,8 +146,10 @@ def test_dane_7_sts_90_mismatch_defers_despite_valid_sts_and_is_reported_twice(d
     dane.tlsa("mx1.dane.test", "3 1 1 " + "ab" * 32)
     world.zone.add("_smtp._tls.dane.test", "TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@src.test"')
     db = world.tmp / "queue" / "tlsrpt.db"
+    key = make_key(world.tmp / "keys", "relay.test", "rpt")  # report mails are DKIM-signed (RPT-18)
     relay = dane.relay(tlsrpt={"enabled": True, "contact_info": "tlsrpt@relay.test",
-                               "report_sender": "reports@relay.test", "db_path": str(db)})
+                               "report_sender": "reports@relay.test", "db_path": str(db)},
+                       dkim={"keys": [key.config()]})
     qid = world.submit(relay, ["bob@dane.test"])
     [ev] = relay.wait_event("deferred", queue_id=qid)
     assert ev["status"] == "4.7.5" and "DANE" in ev["reply"] and ev["policy"] == "dane"
