@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from mta import config as config_mod
 from mta import log, runtime
@@ -79,10 +78,15 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from mta import preflight
     from mta.app import resume, serve
     from mta.dkim.signer import Signer
 
+    preflight.check(cfg)  # the same checks as check-config, before anything starts (issue 10 item 9)
+    for warning in config_mod.warnings(cfg):
+        log.event("config-warning", reason=warning)
     Signer.from_config(cfg)  # a key that cannot sign stops us here, before any fork (as check-config)
+
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None
     resumed: list[tuple[str, float | None]] | None = None
@@ -106,22 +110,12 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return runtime.run(serve(cfg, store, child, resumed, resume_seconds))
 
 
-def system_nameservers(path: str = "/etc/resolv.conf") -> list[str]:
-    """The `nameserver` lines of resolv.conf (what dnspython's system resolver would use)."""
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return []
-    return [parts[1] for parts in (line.split() for line in text.splitlines())
-            if len(parts) >= 2 and parts[0] == "nameserver"]
-
-
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    for warning in config_mod.dnssec_warnings(cfg, system_nameservers()):
-        print(f"{cfg.source}: warning: {warning}", file=sys.stderr)
-    from mta.dkim.keys import load_keys
+    from mta import preflight
 
-    load_keys(cfg.dkim, cfg.source)  # unreadable, wrong-type or too short DKIM keys (DKIM-3)
+    preflight.check(cfg)
+    for warning in config_mod.warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     applied = config_mod.env_applied(os.environ)
     print(f"{cfg.source}: ok" + (f" (overridden by {', '.join(applied)})" if applied else ""))
     return 0

@@ -29,7 +29,7 @@ from mta.dane import verify as dane_verify
 from mta.dane.decide import DaneVerdict
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
-from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
+from mta.delivery.smtp_client import BindAddresses, SmtpSession, Timeouts, TlsMode, TlsRequiredError
 from mta.delivery.transport import (
     DANE,
     MTA_STS,
@@ -67,7 +67,7 @@ class SessionRecorder(Protocol):
 
     def record(self, *, policy_domain: str, policy: Policy | None, success: bool, result_type: str | None,
                mx_host: str | None, receiving_ip: str | None, reason: str = "",
-               tlsa: Sequence[str] | None = None) -> None: ...
+               sending_ip: str | None = None, tlsa: Sequence[str] | None = None) -> None: ...
 
 
 class NullRecorder:
@@ -92,6 +92,7 @@ class AttemptContext:
     relayhost_tls: str = "verify"
     relayhost_auth: tuple[str, str] | None = None
     rng: random.Random = field(default_factory=random.Random)
+    bind: BindAddresses = field(default_factory=BindAddresses)  # delivery.bind_address(6)
     unreachable: UnreachableHosts | None = None  # SMTP-37: shared by every attempt of the process
     clock: Callable[[], float] = time.monotonic
     dane: bool = False  # [dane] enabled with [dns] dnssec: TLSA lookups below secure MX RRsets
@@ -248,10 +249,12 @@ async def _try_hosts(ctx: AttemptContext, plans: list[tuple[MxVerdict, list[str]
 
 
 def _record(ctx: AttemptContext, att: _Attempt, results: list[PolicyResult], host: str | None,
-            address: str | None) -> None:
+            address: str | None, sending_ip: str | None = None) -> None:
     """One TLS-RPT record per policy that applied (RFC 8460 §4.4)."""
     for r in results:
         extra: dict[str, Any] = {} if r.tlsa is None else {"tlsa": r.tlsa}
+        if sending_ip is not None:
+            extra["sending_ip"] = sending_ip
         ctx.recorder.record(policy_domain=att.policy_domain, policy=r.policy, success=r.success,
                             result_type=r.result_type, mx_host=host, receiving_ip=address, reason=r.reason, **extra)
 
@@ -289,7 +292,8 @@ async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: T
     if session is not None:
         return session, False
     session = await SmtpSession.open(address=address, port=port, mx_host=host, helo_name=ctx.hostname,
-                                     tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts, sni=sni)
+                                     tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts, bind=ctx.bind,
+                                     sni=sni)
     if ctx.relayhost_auth:
         await session.login(*ctx.relayhost_auth)
     return session, True
@@ -333,7 +337,8 @@ async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, 
     except TlsRequiredError as exc:
         att.policy_errors.append(f"{relay}: {exc.reply.text}")
         att.dane_failed = att.dane_failed or verdict.governed_by == DANE  # DANE-2: never plaintext
-        _record(ctx, att, failure_results(verdict, exc.result_type, exc.reply.text), host, address)
+        _record(ctx, att, failure_results(verdict, exc.result_type, exc.reply.text), host, address,
+                exc.local_address)
         return "next-host"
     except DeliveryError as exc:
         att.errors.append(f"{relay}: {exc.reply}")
@@ -349,7 +354,7 @@ async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, 
     judgement = judge_session(verdict, session.starttls_offered, tls)
     # One record per session and applied policy; sessions without a policy only with record_all_sessions.
     results = session_results(verdict, session.starttls_offered, tls, pkix)
-    _record(ctx, att, _with_discovery_failure(att, results), host, address)
+    _record(ctx, att, _with_discovery_failure(att, results), host, address, session.local_address)
     if not judgement.ok:
         await ctx.pool.discard(session)
         att.policy_errors.append(f"{relay}: {judgement.reason}")
