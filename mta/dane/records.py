@@ -1,7 +1,7 @@
 """TLSA records (RFC 6698 §2, RFC 7218 names) and which of them SMTP may use (RFC 7672 §3.1).
 
-Pure data: defined here rather than in `mta.net.dns` so the pure DANE modules never import the DNS
-adapter (the adapter imports these, as it does `MxAnswer` from `mta.delivery.route`).
+Pure data that imports nothing: defined here rather than in `mta.net.dns` so the pure DANE modules
+never import the DNS adapter; the adapter imports these, as it does `MxAnswer` from `mta.model`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ and TXT: "nothing there") and nothing else is decided: ordering MX hosts is `mta
   bogus RRset with SERVFAIL, which is a `DnsTemporaryError` like any other.
 - Every lookup is bounded by `timeout` seconds in total (dnspython's `lifetime`); each try gets
   `timeout / attempts`. Truncated UDP answers are retried over TCP by dnspython.
-- Names are converted to A-labels (IDNA 2008 with UTS 46 mapping) before any query (STS-5).
+- Names are converted to A-labels (mta.idn: IDNA 2008 with UTS 46 mapping) before any query (STS-5).
 - A small positive cache honours the answer TTL up to MAX_POSITIVE_TTL; authoritative negatives are
   kept at most MAX_NEGATIVE_TTL; temporary failures are never cached.
 - Answers a remote zone controls are bounded in what they can make an attempt do: at most
@@ -42,11 +42,12 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from mta import idn
 from mta.dane.records import TlsaAnswer, TlsaRecord
-from mta.delivery.route import IMPLICIT, MAX_MX_HOSTS, MX, NULL, MxAnswer
 from mta.errors import DnsError, DnsPermanentError, DnsTemporaryError
+from mta.model import IMPLICIT, MX, NULL, MxAnswer
 
-__all__ = ["MAX_MX_HOSTS", "Addresses", "AiohttpResolver", "MxAnswer", "Resolver", "TlsaAnswer", "to_ascii"]
+__all__ = ["Addresses", "AiohttpResolver", "MxAnswer", "Resolver", "TlsaAnswer", "to_ascii"]
 
 MAX_POSITIVE_TTL = 300.0  # seconds; a long TTL must not pin a stale MX or TXT for hours
 MAX_NEGATIVE_TTL = 5.0  # seconds; a newly published record is seen almost at once
@@ -62,14 +63,10 @@ def to_ascii(domain: str) -> str:
     Raises DnsPermanentError for a name DNS cannot carry (empty label, label over 63 octets,
     invalid U-label): no lookup of it can ever succeed.
     """
-    text = domain[:-1] if domain.endswith(".") else domain
-    if not text:
-        raise DnsPermanentError(f"invalid domain name {domain!r}: empty")
     try:
-        name = dns.name.from_text(text, origin=dns.name.root, idna_codec=dns.name.IDNA_2008_Practical)
-    except dns.exception.DNSException as exc:
-        raise DnsPermanentError(f"invalid domain name {domain!r}: {exc}") from exc
-    return name.to_text(omit_final_dot=True).lower()
+        return idn.to_ascii(domain)  # the one IDNA rule (IDNA 2008 + UTS #46, the `idna` package)
+    except ValueError as exc:
+        raise DnsPermanentError(f"invalid domain name {domain!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -121,7 +118,10 @@ class Resolver:
                 resolver.nameservers = []
         resolver.lifetime = timeout
         resolver.timeout = timeout / max(1, attempts)
-        resolver.cache = None  # ours below; dnspython's would ignore our clock and bounds
+        # Ours below: dnspython's Cache/LRUCache keep an answer for its whole TTL (no upper bound, a
+        # day-long TTL would pin an MX or an `_mta-sts` id) and read the wall clock, not an
+        # injectable one (tests/integration/test_library_gaps.py).
+        resolver.cache = None
         if dnssec:
             # DO asks the validating resolver for DNSSEC processing; AD in the query (RFC 6840 §5.7)
             # asks it to tell us the result in the AD bit of the reply.
