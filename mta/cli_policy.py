@@ -91,7 +91,7 @@ async def probe(cfg: Config, info: dict[str, Any]) -> list[dict[str, Any]]:
     """Connect to every MX (opportunistic TLS) and tell what an enforce policy would think of it."""
     from mta.app import build_resolver, build_timeouts
     from mta.delivery.route import MAX_MX_HOSTS, order_mx
-    from mta.delivery.smtp_client import SmtpSession, TlsMode
+    from mta.delivery.smtp_client import BindAddresses, SmtpSession, TlsMode
     from mta.sts.policy import mx_matches
 
     resolver = build_resolver(cfg)
@@ -120,7 +120,9 @@ async def probe(cfg: Config, info: dict[str, Any]) -> list[dict[str, Any]]:
             row["address"] = addresses[0]
             session = await SmtpSession.open(address=addresses[0], port=cfg.delivery.smtp_port, mx_host=cand.host,
                                              helo_name=cfg.hostname, tls_mode=TlsMode.MAY,
-                                             ca_file=cfg.tls.ca_file or None, timeouts=build_timeouts(cfg))
+                                             ca_file=cfg.tls.ca_file or None, timeouts=build_timeouts(cfg),
+                                             # the probe leaves from where deliveries leave (CFG-2)
+                                             bind=BindAddresses(cfg.delivery.bind_address, cfg.delivery.bind_address6))
             row["starttls"] = session.starttls_offered
             row["tls_version"] = session.tls.version if session.tls else None
             row["cert_valid"] = bool(session.tls and session.tls.verified)
