@@ -245,6 +245,7 @@ async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, 
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
     runtime.use_io_threads(loop)
+    metrics.set_enabled(bool(cfg.http.listen))
     if store is None:
         # The spool first: an unusable one is the error the operator must see, before anything (the
         # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
