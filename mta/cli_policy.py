@@ -94,7 +94,7 @@ async def probe(cfg: Config, info: dict[str, Any]) -> list[dict[str, Any]]:
     from mta.dane import lookup as dane_lookup
     from mta.dane.verify import verify_chain as dane_verify_chain
     from mta.delivery.route import MAX_MX_HOSTS, order_mx
-    from mta.delivery.smtp_client import SmtpSession, TlsMode
+    from mta.delivery.smtp_client import BindAddresses, SmtpSession, TlsMode
     from mta.delivery.transport import combine
     from mta.sts.decide import filter_mx
     from mta.sts.policy import Policy, mx_matches
@@ -136,7 +136,9 @@ async def probe(cfg: Config, info: dict[str, Any]) -> list[dict[str, Any]]:
             session = await SmtpSession.open(address=found.addresses[0], port=cfg.delivery.smtp_port,
                                              mx_host=cand.host, helo_name=cfg.hostname, tls_mode=TlsMode.MAY,
                                              ca_file=cfg.tls.ca_file or None, timeouts=build_timeouts(cfg),
-                                             sni=verdict.sni)
+                                             sni=verdict.sni,
+                                             # the probe leaves from where deliveries leave (CFG-2)
+                                             bind=BindAddresses(cfg.delivery.bind_address, cfg.delivery.bind_address6))
             row["starttls"] = session.starttls_offered
             row["tls_version"] = session.tls.version if session.tls else None
             row["cert_valid"] = bool(session.tls and session.tls.verified)
