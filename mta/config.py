@@ -145,6 +145,15 @@ class TlsRptConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several relays sharing one PostgreSQL (issue 15); empty `database` = one node on SQLite."""
+
+    database: str = ""  # postgresql://user@host:port/db; never logged with its password
+    node_name: str = ""  # empty = the host name; unique per node
+    heartbeat_interval: float = field(default=5.0, metadata=_meta("duration"))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = "text"
     level: str = "info"
@@ -160,6 +169,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata=_meta("internal"))
 
@@ -311,6 +321,7 @@ def _validate(cfg: Config) -> None:
     for name, mode in cfg.mta_sts.overrides.items():
         if mode not in ("none", "testing", "enforce") and not mode.startswith("version: STSv1"):
             _fail(src, f"mta_sts.overrides.{name}", f"{mode!r} must be none, testing, enforce or a policy text")
+    _validate_cluster(cfg.cluster, src)
     if cfg.log.format not in ("text", "json"):
         _fail(src, "log.format", f"{cfg.log.format!r} must be \"text\" or \"json\"")
     if cfg.log.level not in ("debug", "info", "warning", "error"):
@@ -321,6 +332,16 @@ def _validate(cfg: Config) -> None:
         _fail(src, "tlsrpt.dkim_key_file", "dkim_selector and dkim_key_file go together")
     if cfg.tlsrpt.enabled and not (cfg.tlsrpt.contact_info and cfg.tlsrpt.report_sender):
         _fail(src, "tlsrpt.contact_info", "contact_info and report_sender are required when enabled")
+
+
+def _validate_cluster(c: ClusterConfig, src: str) -> None:
+    # Only the form here; whether the server answers is found out (and retried) at start.
+    if c.database and not re.match(r"^postgres(ql)?://[^\s]*\Z", c.database):
+        _fail(src, "cluster.database", "must be empty or a postgresql:// URL")
+    if c.node_name and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", c.node_name):
+        _fail(src, "cluster.node_name", f"{c.node_name!r} is not a node name (letters, digits, . _ -; up to 64)")
+    if c.heartbeat_interval < 0.1:
+        _fail(src, "cluster.heartbeat_interval", "must be at least 100ms")
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -363,6 +384,8 @@ ENV_KEYS: dict[str, str] = {
     "MTA_RELAYHOST": "delivery.relayhost",
     "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
     "MTA_NAMESERVERS": "dns.nameservers",
+    "MTA_CLUSTER_DATABASE": "cluster.database",  # issue 15: one image, every node on the same database
+    "MTA_NODE_NAME": "cluster.node_name",  # e.g. the pod name of a StatefulSet
 }
 _ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
 

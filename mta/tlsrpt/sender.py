@@ -179,8 +179,8 @@ class ReportSender:
 
     async def preview(self, day: datetime.date) -> list[dict[str, Any]]:
         """What would be sent for `day`: per domain the rua targets, the sent row and the report JSON."""
-        summaries = await asyncio.to_thread(self.results.summaries_sync, day)
-        sent = await asyncio.to_thread(self.results.sent_sync, day)
+        summaries = await self.results.summaries(day)
+        sent = await self.results.sent(day)
         out: list[dict[str, Any]] = []
         for domain, policies in sorted(summaries.items()):
             entry: dict[str, Any] = {"domain": domain, "rua": None, "error": None, "sent": None, "report": None}
@@ -201,8 +201,8 @@ class ReportSender:
 
     async def send_day(self, day: datetime.date) -> list[DomainResult]:
         """Send every not yet claimed report of `day`; returns one result per domain with counts."""
-        summaries = await asyncio.to_thread(self.results.summaries_sync, day)
-        sent = await asyncio.to_thread(self.results.sent_sync, day)
+        summaries = await self.results.summaries(day)
+        sent = await self.results.sent(day)
         results: list[DomainResult] = []
         async with self._session() as session:
             for domain, policies in sorted(summaries.items()):
@@ -228,7 +228,7 @@ class ReportSender:
         except (ValueError, DnsError) as exc:
             _log.error("tlsrpt: cannot build the report of %s for %s: %s", domain, day, exc)
             return DomainResult(day, domain, "error", f"cannot build the report: {exc}")
-        if not await asyncio.to_thread(self.results.claim_sync, day, report.domain, report.report_id):
+        if not await self.results.claim(day, report.domain, report.report_id):
             return DomainResult(day, domain, "skipped", "already claimed by another sender")
         jobs = [self._mail(report, address, n) for n, address in enumerate(record.mailto)]
         jobs += [self._post(session, report, url) for url in record.https]
@@ -236,7 +236,7 @@ class ReportSender:
         ok = any(success for success, _ in outcomes)
         targets = [text for _, text in outcomes]
         status = "sent" if ok else "failed"
-        await asyncio.to_thread(self.results.finish_sync, day, report.domain, status, "; ".join(targets))
+        await self.results.finish(day, report.domain, status, "; ".join(targets), report.report_id)
         log.event("tlsrpt", domain=report.domain, day=day.isoformat(), report_id=report.report_id, status=status,
                   reason="; ".join(targets))
         return DomainResult(day, domain, status, "; ".join(targets), report.report_id, targets)
@@ -281,10 +281,10 @@ class ReportSender:
         await self.results.flush()  # this process's latest counts belong in the reports
         first = today - datetime.timedelta(days=CATCHUP_DAYS)
         out: list[DomainResult] = []
-        for day in await asyncio.to_thread(self.results.days_sync):
+        for day in await self.results.days():
             if first <= day < today:
                 out.extend(await self.send_day(day))
-        await asyncio.to_thread(self.results.prune_sync, today - datetime.timedelta(days=RETENTION_DAYS))
+        await self.results.prune(today - datetime.timedelta(days=RETENTION_DAYS))
         return out
 
 
