@@ -14,6 +14,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mta import log, runtime
 from mta.config import Config, parse_hostport
@@ -28,6 +29,10 @@ from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.listener import Listeners, build_listeners
 
+if TYPE_CHECKING:
+    from mta.cluster.db import ClusterDb
+    from mta.sts.cache import PolicyStore
+
 _log = logging.getLogger("mta.app")
 DRAIN_TIMEOUT = 20.0
 
@@ -36,11 +41,32 @@ def build_resolver(cfg: Config) -> Resolver:
     return Resolver(nameservers=cfg.dns.nameservers, port=cfg.dns.port, timeout=cfg.dns.timeout)
 
 
-def build_sts(cfg: Config, resolver: Resolver) -> object | None:
+def build_cluster(cfg: Config) -> ClusterDb | None:
+    """The shared PostgreSQL of `[cluster] database`, or None: one node on SQLite (issue 15)."""
+    if not cfg.cluster.database:
+        return None
+    from mta.cluster import node_name
+    from mta.cluster.db import ClusterDb
+
+    return ClusterDb(cfg.cluster.database, node_name(cfg.cluster))
+
+
+def build_policy_store(cfg: Config, cluster: ClusterDb | None) -> PolicyStore:
+    """The one choice of policy cache (ARCHITECTURE.md "State stores"): SQLite file or PostgreSQL."""
+    if cluster is not None:
+        from mta.cluster.policies import PgPolicyCache
+
+        return PgPolicyCache(cluster)
+    from mta.sts.cache import PolicyCache
+
+    Path(cfg.mta_sts.cache_path).parent.mkdir(parents=True, exist_ok=True)
+    return PolicyCache(cfg.mta_sts.cache_path)
+
+
+def build_sts(cfg: Config, resolver: Resolver, cluster: ClusterDb | None = None) -> object | None:
     """The MTA-STS service, or None when `[mta_sts] enabled = false`."""
     if not cfg.mta_sts.enabled:
         return None
-    from mta.sts.cache import PolicyCache
     from mta.sts.service import StsService
 
     overrides: dict[str, object] = {}
@@ -52,8 +78,7 @@ def build_sts(cfg: Config, resolver: Resolver) -> object | None:
 
             text = value if value.startswith("version:") else f"version: STSv1\nmode: {value}\nmax_age: 86400\n"
             overrides[domain.lower()] = parse_policy(text.encode())
-    Path(cfg.mta_sts.cache_path).parent.mkdir(parents=True, exist_ok=True)
-    return StsService(resolver=resolver, cache=PolicyCache(cfg.mta_sts.cache_path), https_port=cfg.mta_sts.https_port,
+    return StsService(resolver=resolver, cache=build_policy_store(cfg, cluster), https_port=cfg.mta_sts.https_port,
                       ca_file=cfg.tls.ca_file or None, fetch_timeout=cfg.mta_sts.fetch_timeout,
                       draft03_compat=cfg.mta_sts.draft03_compat, overrides=overrides)  # type: ignore[arg-type]
 
@@ -87,7 +112,8 @@ class Relay:
         self.store = store or SpoolStore(cfg.queue.path)
         self.stop_event = asyncio.Event()
         self.resolver = build_resolver(cfg)
-        self.sts = build_sts(cfg, self.resolver)
+        self.cluster = build_cluster(cfg)
+        self.sts = build_sts(cfg, self.resolver, self.cluster)
         self.pool = ConnectionPool(cfg.delivery.connection_reuse_time, max_per_key=cfg.delivery.per_domain_concurrency)
         relay_auth = None
         if cfg.delivery.relayhost_username:
@@ -115,6 +141,11 @@ class Relay:
 
         if not self.cfg.tlsrpt.enabled:
             return NullRecorder()
+        if self.cluster is not None:
+            from mta.cluster.tlsrpt import PgResultStore
+
+            return PgResultStore(self.cluster, sending_ip="127.0.0.1",
+                                 record_all_sessions=self.cfg.tlsrpt.record_all_sessions)
         from mta.tlsrpt.store import ResultStore
 
         return ResultStore(self.cfg.tlsrpt.db_path, sending_ip="127.0.0.1",
@@ -132,6 +163,10 @@ class Relay:
         half-written files, and would remove the child's if it were already accepting mail."""
         if self.store._lock_fd is None:
             self.store.lock()
+        if self.cluster is not None:
+            # Bounded: a database that is down or slow is logged and retried in the background
+            # (CLU-5); only a schema from a newer mta stops the start (SchemaTooNew, one line).
+            await self._start_cluster()
         started = time.monotonic() - resume_seconds  # recovery may have run before the fork
         if resumed is None:
             resumed = await asyncio.to_thread(resume, self.store)
@@ -158,6 +193,25 @@ class Relay:
             self._background.append(loop.create_task(daily_loop(self, self.stop_event)))
         log.event("started", listen=listen, queued=count, resume_seconds=round(time.monotonic() - started, 2),
                   submission_pid=child[0] if child else None)
+
+    async def _start_cluster(self) -> None:
+        assert self.cluster is not None
+        from mta.cluster.db import ClusterError
+        from mta.cluster.nodes import heartbeat_loop
+        from mta.cluster.policies import PgPolicyCache
+
+        if await self.cluster.start():
+            cache = getattr(self.sts, "cache", None)
+            if isinstance(cache, PgPolicyCache):
+                with contextlib.suppress(ClusterError):
+                    await cache.sync_once(full=True)  # policies stored by the other nodes apply from the start
+        loop = asyncio.get_running_loop()
+        cache = getattr(self.sts, "cache", None)
+        if isinstance(cache, PgPolicyCache):
+            self._background.append(loop.create_task(cache.run(self.stop_event)))
+        self._background.append(loop.create_task(heartbeat_loop(
+            self.cluster, lambda: self.scheduler.summary(time.time()), time.time(),
+            self.cfg.cluster.heartbeat_interval, self.stop_event)))
 
     async def _attach(self, pid: int, fd: int) -> str:
         """Follow the submission child's pipe; returns its listen addresses once it is ready."""
@@ -212,6 +266,11 @@ class Relay:
             await self.recorder.close()
         if self.sts is not None and hasattr(self.sts, "close"):
             await self.sts.close()
+        if self.cluster is not None:
+            cache = getattr(self.sts, "cache", None)
+            if cache is not None:
+                await cache.close()  # last dirty policies, if the database answers
+            await self.cluster.close()
         self.store.unlock()
 
 

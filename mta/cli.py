@@ -1,6 +1,6 @@
 """Command-line interface: parses arguments, formats output and exit codes; no business logic.
 
-    mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
+    mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt | cluster
 Every command takes --config F (default: $MTA_CONFIG, else config.toml). Exit codes: 0 ok, 1 error, 2 usage.
 """
 
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mta.cli_tlsrpt import add_tlsrpt_parser
 
     add_tlsrpt_parser(sub, common)
+    from mta.cli_cluster import add_cluster_parser
+
+    add_cluster_parser(sub, common)
     return p
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -52,6 +53,20 @@ class Scheduler:
     @property
     def queued(self) -> int:
         return len(self._due)
+
+    def summary(self, now: float) -> dict[str, int | str | None]:
+        """Queue figures for the cluster node table (issue 15): scheduled messages (due now or
+        deferred), those in delivery, and the oldest one's arrival (queue ids start with it).
+        One pass over the schedule, every few seconds; held messages are not scheduled."""
+        due_now = sum(1 for due in self._due.values() if due <= now)
+        oldest = min(itertools.chain(self._due, self._inflight), default=None)
+        arrived = None
+        if oldest is not None:
+            with contextlib.suppress(ValueError):
+                ms = int(oldest[:11], 16)
+                arrived = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+        return {"queued": len(self._due) + len(self._inflight), "active": len(self._inflight),
+                "deferred": len(self._due) - due_now, "oldest": arrived}
 
     def _pop_due(self, now: float) -> str | None:
         while self._heap and self._heap[0][0] <= now:
