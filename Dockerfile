@@ -39,7 +39,7 @@ ENV PATH=/opt/mta/bin:$PATH MTA_CONFIG=/etc/mta/config.toml
 WORKDIR /var/spool/mta
 USER mta
 VOLUME ["/var/spool/mta"]
-EXPOSE 2525
+EXPOSE 2525 8025
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["python3", "-m", "mta.healthcheck"]
 ENTRYPOINT ["mta"]

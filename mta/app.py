@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mta import log, runtime
+from mta import log, metrics, runtime
 from mta.config import Config, parse_hostport
 from mta.delivery.attempt import AttemptContext
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.smtp_client import Timeouts
+from mta.delivery.unreachable import UnreachableHosts
 from mta.delivery.worker import Worker
 from mta.errors import SpoolError
 from mta.net.dns import Resolver
@@ -48,7 +49,7 @@ def build_cluster(cfg: Config) -> ClusterDb | None:
     from mta.cluster import node_name
     from mta.cluster.db import ClusterDb
 
-    return ClusterDb(cfg.cluster.database, node_name(cfg.cluster))
+    return ClusterDb(cfg.cluster.database, node_name(cfg.cluster), on_state=metrics.cluster_database)
 
 
 def build_policy_store(cfg: Config, cluster: ClusterDb | None) -> PolicyStore:
@@ -90,12 +91,14 @@ def build_timeouts(cfg: Config) -> Timeouts:
                     data_block=d.data_timeout, data_final=d.data_timeout)
 
 
-def resume(store: SpoolStore) -> list[tuple[str, float]]:
-    """Start-up recovery (debris removed, corrupt entries quarantined): (id, due) of every message to resume."""
-    out = []
+def resume(store: SpoolStore) -> list[tuple[str, float | None]]:
+    """Start-up recovery (debris removed, corrupt entries quarantined): (id, due) of every message to
+    resume; due is None for a held message (not scheduled, but counted in mta_queue_messages)."""
+    out: list[tuple[str, float | None]] = []
     for meta in store.recover():
         due = meta.next_due()
         if meta.held:
+            out.append((meta.id, None))
             continue
         if due is None:
             store._discard(meta.id)
@@ -120,16 +123,21 @@ class Relay:
             secret = Path(cfg.delivery.relayhost_password_file).read_text().strip()
             relay_auth = (cfg.delivery.relayhost_username, secret)
         self.recorder = self._build_recorder()
+        unreachable = UnreachableHosts(cfg.delivery.unreachable_time)  # SMTP-37
         self.ctx = AttemptContext(
             hostname=cfg.hostname, resolver=self.resolver, pool=self.pool, timeouts=build_timeouts(cfg),
             smtp_port=cfg.delivery.smtp_port, ipv6=cfg.delivery.ipv6, ca_file=cfg.tls.ca_file or None,
-            sts=self.sts, recorder=self.recorder,
+            sts=self.sts, recorder=metrics.CountingRecorder(self.recorder),
             relayhost=parse_hostport(cfg.delivery.relayhost) if cfg.delivery.relayhost else None,
             relayhost_tls=cfg.delivery.relayhost_tls, relayhost_auth=relay_auth, rng=random.Random(),
+            unreachable=unreachable,
         )
         self.worker = Worker(self.store, self.ctx, cfg.delivery, on_new_message=self.on_new_message)
-        self.scheduler = Scheduler(self.store, self.worker.deliver, cfg.delivery.concurrency)
+        self.scheduler = Scheduler(self.store, self.worker.deliver, cfg.delivery.concurrency,
+                                   on_flush=unreachable.clear)
         self.listeners: Listeners | None = None  # only when the listeners run in this process
+        self.scheduler_task: asyncio.Task[None] | None = None
+        self.http: object | None = None  # the operations endpoint (mta.http), when [http] listen is set
         self._background: list[asyncio.Task[None]] = []
         self.child_pid: int | None = None
         self.child_task: asyncio.Task[None] | None = None
@@ -157,7 +165,7 @@ class Relay:
             self.scheduler.schedule(meta.id, due)
 
     async def start(self, child: tuple[int, int] | None = None,
-                    resumed: list[tuple[str, float]] | None = None, resume_seconds: float = 0.0) -> None:
+                    resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> None:
         """Resume the queue and start serving; `child` = (pid, pipe) of a submission process, which
         must only have been started after the spool was recovered (`resumed`): recovery removes
         half-written files, and would remove the child's if it were already accepting mail."""
@@ -171,8 +179,11 @@ class Relay:
         if resumed is None:
             resumed = await asyncio.to_thread(resume, self.store)
         for qid, due in resumed:
-            self.scheduler.schedule(qid, due)
-        count = len(resumed)
+            if due is None:
+                self.scheduler.held.add(qid)
+            else:
+                self.scheduler.schedule(qid, due)
+        count = len(resumed) - len(self.scheduler.held)
         loop = asyncio.get_running_loop()
         if child is None:
             self.listeners = build_listeners(self.cfg, self.store, self.on_new_message)
@@ -180,7 +191,8 @@ class Relay:
             listen = " ".join(f"{h}:{p}" for h, p in self.listeners.addresses())
         else:
             listen = await self._attach(*child)
-        self._background.append(loop.create_task(self.scheduler.run(self.stop_event)))
+        self.scheduler_task = loop.create_task(self.scheduler.run(self.stop_event))
+        self._background.append(self.scheduler_task)
         self._background.append(loop.create_task(self._sweep_pool()))
         if self.sts is not None and hasattr(self.sts, "refresh_loop"):
             self._background.append(loop.create_task(self.sts.refresh_loop(
@@ -191,6 +203,10 @@ class Relay:
             from mta.tlsrpt.sender import daily_loop
 
             self._background.append(loop.create_task(daily_loop(self, self.stop_event)))
+        if self.cfg.http.listen:
+            from mta.http import relay_ops, server
+
+            self.http = await server.start(relay_ops.build_ops(self), self.cfg.http)
         log.event("started", listen=listen, queued=count, resume_seconds=round(time.monotonic() - started, 2),
                   submission_pid=child[0] if child else None)
 
@@ -210,8 +226,16 @@ class Relay:
         if isinstance(cache, PgPolicyCache):
             self._background.append(loop.create_task(cache.run(self.stop_event)))
         self._background.append(loop.create_task(heartbeat_loop(
-            self.cluster, lambda: self.scheduler.summary(time.time()), time.time(),
-            self.cfg.cluster.heartbeat_interval, self.stop_event)))
+            self.cluster, self.queue_summary, time.time(), self.cfg.cluster.heartbeat_interval, self.stop_event)))
+
+    def queue_summary(self) -> dict[str, object]:
+        """This node's queue for the cluster node table: the same figures as the queue gauges."""
+        from mta.spool.store import id_created
+
+        due, inflight, held = self.scheduler.snapshot()
+        states, oldest_age = metrics.queue_gauges(due, inflight, held, time.time(), id_created)
+        oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - oldest_age)) if oldest_age else None
+        return {"queued": sum(states.values()), **states, "oldest": oldest, "oldest_age": round(oldest_age, 1)}
 
     async def _attach(self, pid: int, fd: int) -> str:
         """Follow the submission child's pipe; returns its listen addresses once it is ready."""
@@ -271,11 +295,13 @@ class Relay:
             if cache is not None:
                 await cache.close()  # last dirty policies, if the database answers
             await self.cluster.close()
+        if self.http is not None:  # last: /readyz answers 503 "stopping" while we drain
+            await self.http.cleanup()  # type: ignore[attr-defined]
         self.store.unlock()
 
 
 async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None,
-                resumed: list[tuple[str, float]] | None = None, resume_seconds: float = 0.0) -> int:
+                resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
     runtime.use_io_threads(loop)

@@ -8,54 +8,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import getpass
 import json
 import os
 import sys
 import time
-from typing import Any
 
 from mta import config as config_mod
 from mta import log, runtime
 from mta.errors import MtaError, SpoolError
 from mta.spool import control
-from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore, describe_os_error
-
-
-def _iso(ts: float | None) -> str | None:
-    if not ts:
-        return None
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def meta_json(meta: MessageMeta) -> dict[str, Any]:
-    return {
-        "id": meta.id, "sender": meta.sender, "created": _iso(meta.created), "size": meta.size,
-        "held": meta.held, "kind": meta.kind,
-        "recipients": [
-            {"address": r.address, "status": r.status.value, "attempts": r.attempts,
-             "last_error": r.last_error or None,
-             "next_attempt": _iso(r.next_attempt) if not r.status.final else None,
-             "sts_mode": r.sts_mode, "reason": r.reason or None}
-            for r in meta.recipients
-        ],
-    }
-
-
-def _load_all(store: SpoolStore) -> list[MessageMeta]:
-    out = []
-    for qid in store.ids():
-        try:
-            out.append(store.load_sync(qid))
-        except MtaError:
-            continue
-    return out
+from mta.spool.view import header_text, load_all, meta_json
+from mta.spool.view import iso as _iso
 
 
 def cmd_queue_list(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    metas = _load_all(SpoolStore(cfg.queue.path))
+    metas = load_all(SpoolStore(cfg.queue.path))
     if args.json:
         print(json.dumps([meta_json(m) for m in metas], indent=1))
         return 0
@@ -80,9 +49,7 @@ def cmd_queue_show(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     store = SpoolStore(cfg.queue.path)
     meta = store.load_sync(args.id)
     print(json.dumps(meta_json(meta), indent=1))
-    data = store.read_data_sync(args.id)
-    end = data.find(b"\r\n\r\n")
-    print(data[: end if end >= 0 else len(data)].decode("utf-8", "replace"))
+    print(header_text(store, args.id))
     return 0
 
 
@@ -114,7 +81,7 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None
-    resumed: list[tuple[str, float]] | None = None
+    resumed: list[tuple[str, float | None]] | None = None
     resume_seconds = 0.0
     if cfg.submission.separate_process:
         # Lock, recover the spool, THEN fork the listener child (recovery deletes half-written

@@ -101,6 +101,8 @@ class DeliveryConfig:
     command_timeout: float = field(default=300.0, metadata=_meta("duration"))
     data_timeout: float = field(default=600.0, metadata=_meta("duration"))
     connection_reuse_time: float = field(default=5.0, metadata=_meta("duration"))
+    unreachable_time: float = field(default=300.0, metadata=_meta("duration"))  # SMTP-37; 0s = off
+    attempt_timeout: float = field(default=900.0, metadata=_meta("duration"))  # DLV-1
     relayhost: str = ""
     relayhost_tls: str = "verify"
     relayhost_username: str = ""
@@ -151,6 +153,9 @@ class ClusterConfig:
     database: str = ""  # postgresql://user@host:port/db; never logged with its password
     node_name: str = ""  # empty = the host name; unique per node
     heartbeat_interval: float = field(default=5.0, metadata=_meta("duration"))
+class HttpConfig:
+    listen: str = ""  # host:port of the operations endpoint (metrics, health, queue API); empty = off
+    admin_token: str = ""  # Bearer token for /api; required off loopback, and enforced whenever set
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,7 @@ class Config:
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata=_meta("internal"))
 
@@ -314,6 +320,8 @@ def _validate(cfg: Config) -> None:
             parse_hostport(d.relayhost)
         except ValueError:
             _fail(src, "delivery.relayhost", f"{d.relayhost!r} is not host:port")
+    if d.attempt_timeout <= 0:
+        _fail(src, "delivery.attempt_timeout", "must be more than 0s")
     if d.relayhost_tls not in ("verify", "may"):
         _fail(src, "delivery.relayhost_tls", f"{d.relayhost_tls!r} must be \"verify\" or \"may\"")
     if bool(d.relayhost_username) != bool(d.relayhost_password_file):
@@ -322,6 +330,16 @@ def _validate(cfg: Config) -> None:
         if mode not in ("none", "testing", "enforce") and not mode.startswith("version: STSv1"):
             _fail(src, f"mta_sts.overrides.{name}", f"{mode!r} must be none, testing, enforce or a policy text")
     _validate_cluster(cfg.cluster, src)
+    if cfg.http.listen:
+        try:
+            host, _ = parse_hostport(cfg.http.listen)
+            ipaddress.ip_address(host)
+        except ValueError:
+            _fail(src, "http.listen", f"{cfg.http.listen!r} is not an IP:port address")
+    if cfg.http.admin_token and (len(cfg.http.admin_token) < 16 or not cfg.http.admin_token.isprintable()
+                                 or " " in cfg.http.admin_token):
+        # The value itself is never echoed: it is a secret.
+        _fail(src, "http.admin_token", "must be at least 16 printable characters without spaces")
     if cfg.log.format not in ("text", "json"):
         _fail(src, "log.format", f"{cfg.log.format!r} must be \"text\" or \"json\"")
     if cfg.log.level not in ("debug", "info", "warning", "error"):
@@ -386,6 +404,7 @@ ENV_KEYS: dict[str, str] = {
     "MTA_NAMESERVERS": "dns.nameservers",
     "MTA_CLUSTER_DATABASE": "cluster.database",  # issue 15: one image, every node on the same database
     "MTA_NODE_NAME": "cluster.node_name",  # e.g. the pod name of a StatefulSet
+    "MTA_HTTP_LISTEN": "http.listen",
 }
 _ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
 

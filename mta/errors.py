@@ -13,6 +13,7 @@
     │   └── StsFetchError      the HTTPS fetch failed (mapped in mta.sts.fetch)
     └── DeliveryError          carries an SmtpReply
         ├── TransientDeliveryError   4xx or connection trouble
+        │   └── HostUnreachableError refused / timed out before any SMTP reply (SMTP-37)
         └── PermanentDeliveryError   5xx
 
 Temporary versus permanent is decided once, from the reply code (`error_for_reply`).
@@ -88,6 +89,11 @@ class DeliveryError(MtaError):
 
 class TransientDeliveryError(DeliveryError):
     """A 4xx reply or connection trouble."""
+
+
+class HostUnreachableError(TransientDeliveryError):
+    """The host never became an SMTP peer: connection refused, connect or greeting timeout,
+    no route. Such a host is skipped for a while across messages (SMTP-37)."""
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except MtaError as exc:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return 1
-    http_listen = getattr(getattr(cfg, "http", None), "listen", "")
-    if http_listen:
-        host, port = probe_address(http_listen)
+    if cfg.http.listen:
+        host, port = probe_address(cfg.http.listen)
         reason = http_ready(host, port, args.timeout)
         if reason:
             print(f"unhealthy: http://{host}:{port}/readyz: {reason}", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,14 +27,16 @@ CTL_POLL = 0.25  # seconds between looks at ctl/ (flush acts on a running serve 
 
 class Scheduler:
     def __init__(self, store: SpoolStore, deliver: Callable[[str], Awaitable[float | None]], concurrency: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, on_flush: Callable[[], None] | None = None) -> None:
         self.store = store
         self.deliver = deliver
         self.clock = clock
+        self.on_flush = on_flush  # e.g. forget unreachable hosts: a flush overrides that delay (SMTP-37)
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._inflight: set[str] = set()
         self._pending_ctl: list[dict[str, str | None]] = []
+        self.held: set[str] = set()  # parked by the operator (for the queue gauges)
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -50,23 +51,20 @@ class Scheduler:
     def forget(self, qid: str) -> None:
         self._due.pop(qid, None)
 
+    def request(self, op: str, qid: str | None) -> None:
+        """An operator request from this process (the HTTP API): applied like a ctl/ file, at the
+        next look at ctl/, but without writing one (it must work on a full disk too)."""
+        if op not in control.OPS:
+            raise ValueError(f"unknown operation {op}")
+        self._pending_ctl.append({"op": op, "id": qid})
+
+    def snapshot(self) -> tuple[dict[str, float], set[str], set[str]]:
+        """(due time per scheduled id, ids in flight, held ids): copies, for the queue gauges."""
+        return dict(self._due), set(self._inflight), set(self.held)
+
     @property
     def queued(self) -> int:
         return len(self._due)
-
-    def summary(self, now: float) -> dict[str, int | str | None]:
-        """Queue figures for the cluster node table (issue 15): scheduled messages (due now or
-        deferred), those in delivery, and the oldest one's arrival (queue ids start with it).
-        One pass over the schedule, every few seconds; held messages are not scheduled."""
-        due_now = sum(1 for due in self._due.values() if due <= now)
-        oldest = min(itertools.chain(self._due, self._inflight), default=None)
-        arrived = None
-        if oldest is not None:
-            with contextlib.suppress(ValueError):
-                ms = int(oldest[:11], 16)
-                arrived = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
-        return {"queued": len(self._due) + len(self._inflight), "active": len(self._inflight),
-                "deferred": len(self._due) - due_now, "oldest": arrived}
 
     def _pop_due(self, now: float) -> str | None:
         while self._heap and self._heap[0][0] <= now:
@@ -100,6 +98,8 @@ class Scheduler:
         now = self.clock()
         for req in reqs:
             op, qid = str(req["op"]), req.get("id")
+            if op == "flush" and self.on_flush is not None:
+                self.on_flush()
             ids = [qid] if qid else list(self._due) if op == "flush" else self.store.ids()
             for one in ids:
                 if one in self._inflight:
@@ -121,13 +121,17 @@ class Scheduler:
                     continue
                 if new is None:
                     self.forget(one)
+                    self.held.discard(one)
                     log.event("deleted", queue_id=one)
                     continue
                 due = new.next_due()
                 if new.held:
                     self.forget(one)
+                    self.held.add(one)
                     log.event("held", queue_id=one)
-                elif due is not None:
+                    continue
+                self.held.discard(one)
+                if due is not None:
                     self.schedule(one, due)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -57,6 +57,10 @@ CREATE TABLE mta_tlsrpt_sent (
     day text NOT NULL, domain text NOT NULL, report_id text NOT NULL, claimed_at double precision NOT NULL,
     status text NOT NULL, detail text NOT NULL DEFAULT '', node text NOT NULL DEFAULT '',
     lease_until timestamptz NOT NULL, PRIMARY KEY (day, domain));
+CREATE TABLE mta_tlsrpt_post_retries (
+    day text NOT NULL, domain text NOT NULL, url text NOT NULL, report_id text NOT NULL, body bytea NOT NULL,
+    first_failed double precision NOT NULL, tries integer NOT NULL, next_try double precision NOT NULL,
+    last_error text NOT NULL, PRIMARY KEY (day, domain, url));
 CREATE TABLE mta_nodes (
     name text PRIMARY KEY, started_at timestamptz NOT NULL, heartbeat_at timestamptz NOT NULL,
     summary jsonb NOT NULL);
@@ -108,8 +112,9 @@ class ClusterDb:
     """One node's handle on the shared database (see the module rule)."""
 
     def __init__(self, url: str, node: str, *, retry_interval: float = 2.0, op_timeout: float = 5.0,
-                 pool_size: int = 4) -> None:
+                 pool_size: int = 4, on_state: Callable[[bool], None] | None = None) -> None:
         self.url = url
+        self.on_state = on_state  # told True/False on every change (the mta_cluster_database_up gauge)
         self.node = node
         self.retry_interval = retry_interval
         self.op_timeout = op_timeout
@@ -194,6 +199,8 @@ class ClusterDb:
         self._pool = pool
         self._probe = None
         self._event(logging.INFO, "reachable" if was_down else "connected", None)
+        if self.on_state is not None:
+            self.on_state(True)
         for callback in self._listeners:
             callback()
 
@@ -204,6 +211,8 @@ class ClusterDb:
             asyncio.get_running_loop().create_task(pool.close(timeout=1.0))
         if self._probe is None and not self._closed:
             self._event(logging.WARNING, "unreachable", self._reason)
+            if self.on_state is not None:
+                self.on_state(False)
             self._last_down_log = asyncio.get_running_loop().time()
             self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
 

@@ -70,9 +70,9 @@ def format_status(nodes: list[dict[str, Any]]) -> str:
     """The text table of `mta cluster status`."""
     if not nodes:
         return "no node has reported yet"
-    lines = [f"{'NODE':<20} {'QUEUED':>7} {'ACTIVE':>7} {'DEFERRED':>8} {'OLDEST':<20} {'HEARTBEAT':<26}"]
+    lines = [f"{'NODE':<20} {'QUEUED':>7} {'ACTIVE':>7} {'DEFERRED':>8} {'HOLD':>5} {'OLDEST':<20} HEARTBEAT"]
     for n in nodes:
         beat = f"{n['heartbeat']} ({n['heartbeat_age']:.0f}s ago)" + (" STALE" if n["stale"] else "")
         lines.append(f"{n['node']:<20} {n.get('queued', 0):>7} {n.get('active', 0):>7} {n.get('deferred', 0):>8} "
-                     f"{n.get('oldest') or '-':<20} {beat}")
+                     f"{n.get('hold', 0):>5} {n.get('oldest') or '-':<20} {beat}")
     return "\n".join(lines)

@@ -108,6 +108,10 @@ class PgPolicyCache:
     def last_used(self, domain: str) -> float | None:
         return self._last_used.get(domain.lower())
 
+    def size(self) -> int:
+        """How many policies this node holds (the mta_sts_policies_cached gauge)."""
+        return len(self._entries)
+
     async def close(self) -> None:
         """Write what is still dirty, if the database answers; the database itself is closed by its owner."""
         with contextlib.suppress(ClusterError):

@@ -9,6 +9,10 @@ changes nothing. So a database restart loses no counts and counts none twice (CL
 database is down the counts stay in memory (new sessions keep adding to them) and go out when it
 returns; only a node stopped during an outage loses its unsent counts, and says how many.
 
+HTTPS retries (RPT-21) live in `mta_tlsrpt_post_retries`; `due_retries` takes the due rows by
+moving their next try CLAIM_LEASE ahead in the same statement, so one node retries each, and a
+node that dies meanwhile leaves them due again after the lease.
+
 Claims (CLU-3): one row per (day, policy domain) in `mta_tlsrpt_sent`, taken with an
 INSERT .. ON CONFLICT that only succeeds when no claim exists or the existing one is still
 `claimed` and its lease (database clock) has run out. So exactly one node sends each report,
@@ -32,6 +36,7 @@ import psycopg
 
 from mta.cluster.db import ClusterDb, ClusterError, redact
 from mta.tlsrpt.report import PolicySummary
+from mta.tlsrpt.retry import PendingPost
 from mta.tlsrpt.store import FailureKey, ResultStore, SentRow, SessionKey, _host, build_summaries
 
 _log = logging.getLogger("mta.tlsrpt")
@@ -152,7 +157,8 @@ class PgResultStore(ResultStore):
 
         async def go(conn: psycopg.AsyncConnection[Any]) -> None:
             async with conn.transaction():
-                for table in ("mta_tlsrpt_sessions", "mta_tlsrpt_failures", "mta_tlsrpt_sent", "mta_tlsrpt_batches"):
+                for table in ("mta_tlsrpt_sessions", "mta_tlsrpt_failures", "mta_tlsrpt_sent", "mta_tlsrpt_batches",
+                              "mta_tlsrpt_post_retries"):
                     await conn.execute(f"DELETE FROM {table} WHERE day < %s", (iso,))  # type: ignore[arg-type]
 
         await self.db.run(go)
@@ -175,3 +181,44 @@ class PgResultStore(ResultStore):
             "SELECT domain, report_id, claimed_at, status, detail FROM mta_tlsrpt_sent WHERE day = %s "
             "AND NOT (status = 'claimed' AND lease_until < now())", (day.isoformat(),))
         return {str(d): SentRow(day, str(d), str(rid), float(at), str(st), str(det)) for d, rid, at, st, det in rows}
+
+    # -- https retries (RPT-21), shared ------------------------------------------------------
+
+    async def add_retries(self, posts: list[PendingPost]) -> None:
+        async def go(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.cursor() as c:
+                await c.executemany(
+                    "INSERT INTO mta_tlsrpt_post_retries (day, domain, url, report_id, body, first_failed, tries, "
+                    "next_try, last_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (day, domain, url) DO UPDATE SET report_id = excluded.report_id, "
+                    "body = excluded.body, first_failed = excluded.first_failed, tries = excluded.tries, "
+                    "next_try = excluded.next_try, last_error = excluded.last_error",
+                    [(p.day.isoformat(), _host(p.domain), p.url, p.report_id, p.body, p.first_failed, p.tries,
+                      p.next_try, p.last_error) for p in posts])
+
+        await self.db.run(go)
+
+    async def due_retries(self, now: float) -> list[PendingPost]:
+        rows = await self._rows(
+            "UPDATE mta_tlsrpt_post_retries SET next_try = %s WHERE next_try <= %s RETURNING day, domain, url, "
+            "report_id, body, first_failed, tries, next_try, last_error", (now + self.lease, now))
+        return sorted((PendingPost(datetime.date.fromisoformat(d), str(dom), str(u), str(rid), bytes(b), float(ff),
+                                   int(t), float(nt), str(err)) for d, dom, u, rid, b, ff, t, nt, err in rows),
+                      key=lambda p: (p.day, p.domain, p.url))
+
+    async def drop_retry(self, day: datetime.date, domain: str, url: str | None = None) -> int:
+        args: tuple[object, ...] = (day.isoformat(), _host(domain))
+
+        async def go(conn: psycopg.AsyncConnection[Any]) -> int:
+            async with conn.transaction():
+                if url is None:
+                    await conn.execute("DELETE FROM mta_tlsrpt_post_retries WHERE day = %s AND domain = %s", args)
+                else:
+                    await conn.execute("DELETE FROM mta_tlsrpt_post_retries WHERE day = %s AND domain = %s "
+                                       "AND url = %s", (*args, url))
+                cur = await conn.execute("SELECT count(*) FROM mta_tlsrpt_post_retries WHERE day = %s "
+                                         "AND domain = %s", args)
+                row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self.db.run(go)

@@ -17,15 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mta import log
+from mta import log, metrics
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
 from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
-from mta.errors import DeliveryError, DnsError, DnsPermanentError, PermanentDeliveryError, TransientDeliveryError
+from mta.delivery.unreachable import UnreachableHosts
+from mta.errors import (
+    DeliveryError,
+    DnsError,
+    DnsPermanentError,
+    HostUnreachableError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 from mta.model import SmtpReply
 from mta.net.dns import Resolver
 from mta.spool.state import DELIVERED_OUTCOME, PERMANENT, TRANSIENT, Outcome
@@ -62,6 +71,8 @@ class AttemptContext:
     relayhost_tls: str = "verify"
     relayhost_auth: tuple[str, str] | None = None
     rng: random.Random = field(default_factory=random.Random)
+    unreachable: UnreachableHosts | None = None  # SMTP-37: shared by every attempt of the process
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass
@@ -92,6 +103,7 @@ async def _lookup_policy(ctx: AttemptContext, domain: str, att: _Attempt) -> Non
     if ctx.sts is None:
         return
     result = await ctx.sts.get_policy(domain)
+    metrics.sts_lookup(result.source, failed=result.failure is not None or result.reason.startswith("txt-dns-error"))
     att.policy_domain = domain
     if result.source == "override":
         # Operators must see every delivery where their override replaced the published policy.
@@ -215,6 +227,7 @@ async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: T
         return session
     session = await SmtpSession.open(address=address, port=port, mx_host=host, helo_name=ctx.hostname,
                                      tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts)
+    metrics.tls_session(session.tls.version if session.tls else None, bool(session.tls and session.tls.verified))
     if ctx.relayhost_auth:
         await session.login(*ctx.relayhost_auth)
     return session
@@ -225,6 +238,13 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
                        eight_bit: bool, smtputf8: bool) -> dict[str, Outcome] | str | None:
     """Outcomes when this address settled the recipients; "next-host" or None to go on."""
     relay = f"{host}[{address}]:{port}"
+    down = ctx.unreachable
+    if down is not None and down.skipped((address, port), ctx.clock()):
+        # SMTP-37: no connect timeout per message for a dead host; a deferral, never a bounce.
+        wait = down.remaining((address, port), ctx.clock())
+        att.errors.append(f"{relay}: skipped for {wait:.0f} s more, it refused or timed out recently")
+        att.any_transient = True
+        return None
     try:
         session = await _open(ctx, host, address, port, mode)
     except TlsRequiredError as exc:
@@ -235,7 +255,11 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
     except DeliveryError as exc:
         att.errors.append(f"{relay}: {exc.reply}")
         att.any_transient = True
+        if down is not None and isinstance(exc, HostUnreachableError):
+            down.mark((address, port), ctx.clock())
         return None
+    if down is not None:
+        down.forget((address, port))
     verdict = check_tls(att.policy, session.starttls_offered, session.tls)
     result_type, reason = verdict.result_type, verdict.reason
     if result_type is None and host in att.mx_mismatch:

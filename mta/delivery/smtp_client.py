@@ -53,7 +53,7 @@ from aiosmtplib import (
 )
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from mta.errors import TransientDeliveryError
+from mta.errors import HostUnreachableError, TransientDeliveryError
 from mta.model import SmtpReply, TlsInfo
 from mta.net.tls import opportunistic_context, reference_name, tls_info, verify_peer, verifying_context
 
@@ -440,14 +440,14 @@ async def _connect(address: str, port: int, relay: str, helo_name: str, timeouts
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), timeouts.connect)
     except TimeoutError:
         sock.close()
-        raise TransientDeliveryError(SmtpReply(421, f"connect to {relay}: timed out", "4.4.1")) from None
+        raise HostUnreachableError(SmtpReply(421, f"connect to {relay}: timed out", "4.4.1")) from None
     except BaseException as exc:
         sock.close()
         if not isinstance(exc, OSError):
             raise
         # asyncio words every failure "Connect call failed"; the errno says what happened.
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise TransientDeliveryError(SmtpReply(421, f"connect to {relay}: {reason}", "4.4.1")) from None
+        raise HostUnreachableError(SmtpReply(421, f"connect to {relay}: {reason}", "4.4.1")) from None
     smtp = aiosmtplib.SMTP(sock=sock, local_hostname=helo_name, timeout=timeouts.greeting, start_tls=False)
     try:
         await smtp.connect(timeout=timeouts.greeting)
@@ -459,7 +459,7 @@ async def _connect(address: str, port: int, relay: str, helo_name: str, timeouts
         raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc
     except SMTPConnectTimeoutError:
         smtp.close()
-        raise TransientDeliveryError(SmtpReply(421, f"no greeting from {relay} (timeout)", "4.4.2")) from None
+        raise HostUnreachableError(SmtpReply(421, f"no greeting from {relay} (timeout)", "4.4.2")) from None
     except (SMTPConnectError, SMTPResponseException, *_CONNECTION_ERRORS, SMTPException) as exc:
         smtp.close()
         raise TransientDeliveryError(SmtpReply(421, f"{relay} lost before greeting: {exc}", "4.4.2")) from None

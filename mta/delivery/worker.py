@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 
-from mta import log
+from mta import log, metrics
 from mta.config import DeliveryConfig
 from mta.delivery.attempt import AttemptContext, deliver_domain
 from mta.delivery.dsn import FailedRecipient, bounce_recipient, build_dsn, should_bounce
@@ -62,13 +62,25 @@ class Worker:
 
     async def _attempt(self, domain: str, rcpts: list[str], meta: MessageMeta, data: bytes) -> dict[str, Outcome]:
         async with self._slot(domain):
+            # DLV-1: one deadline for the whole attempt, so a hostile MX list (many hosts and
+            # addresses, each slow just below its own timeouts) cannot hold a worker for their sum.
+            deadline = asyncio.timeout(self.cfg.attempt_timeout)
             try:
-                return await deliver_domain(self.ctx, domain, rcpts, meta.sender, data,
-                                            eight_bit=meta.eight_bit, smtputf8=meta.smtputf8,
-                                            apply_sts=meta.kind != "report")
+                async with deadline:
+                    started = time.monotonic()
+                    outcomes = await deliver_domain(self.ctx, domain, rcpts, meta.sender, data,
+                                                    eight_bit=meta.eight_bit, smtputf8=meta.smtputf8,
+                                                    apply_sts=meta.kind != "report")
+                metrics.attempt_finished(time.monotonic() - started, (o.kind for o in outcomes.values()))
+                return outcomes
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug must defer, never lose or bounce mail
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    metrics.attempt_finished(self.cfg.attempt_timeout, [state.TRANSIENT])
+                    reply = SmtpReply(451, f"attempt to {domain} stopped at its deadline "
+                                           f"(delivery.attempt_timeout = {self.cfg.attempt_timeout:g} s)", "4.4.1")
+                    return {r: Outcome(state.TRANSIENT, reply) for r in rcpts}
                 _log.exception("delivery to %s failed unexpectedly", domain)
                 reply = SmtpReply(451, f"local error: {type(exc).__name__}: {exc}", "4.3.0")
                 return {r: Outcome(state.TRANSIENT, reply) for r in rcpts}
@@ -145,6 +157,7 @@ class Worker:
 
     def _log_outcome(self, meta: MessageMeta, r: state.Recipient, outcome: Outcome, now: float) -> None:
         name = {RecipientStatus.DELIVERED: "delivered", RecipientStatus.BOUNCED: "bounced"}.get(r.status, "deferred")
+        metrics.delivery(name, outcome.sts_mode)
         log.event(name, queue_id=meta.id, recipient=r.address, domain=_domain(r.address),
                   mx=outcome.remote_mta, relay=outcome.relay, delay=round(now - meta.created, 2),
                   tls=outcome.tls or "none", verified=outcome.verified, sts_mode=outcome.sts_mode,

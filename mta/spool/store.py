@@ -4,7 +4,8 @@ Layout under `[queue] path`:
     msg/<id>.eml    the message bytes, exactly as they will be sent
     msg/<id>.json   the envelope and per-recipient state (MessageMeta, JSON with a schema number)
     tmp/            files being written; anything here at start-up is debris and is removed
-    corrupt/        meta files that could not be parsed (kept for the operator, never retried)
+    corrupt/        meta files that could not be parsed, each with its data file (kept for the
+                    operator, never retried)
     ctl/            requests from the CLI to a running server (see control.py)
     lock            flock()ed by the one `mta serve` that owns the spool
 
@@ -51,11 +52,23 @@ log = logging.getLogger("mta.spool")
 SUBMISSION_RESERVE = 1 << 20
 # What one message costs besides its data: the meta file, rounded up to common block sizes.
 _META_ALLOWANCE = 8192
+# Test hook only (issue 17): MTA_UNSAFE_SKIP_FSYNC=dir and/or file (comma-separated) skips that
+# flush, so the power-cut test (tests/e2e/test_powercut.py) can prove it sees the loss. Unset in
+# production: with it, acknowledged mail does not survive a power cut.
+_UNSAFE_SKIP_FSYNC = frozenset(os.environ.get("MTA_UNSAFE_SKIP_FSYNC", "").split(",")) - {""}
 
 
 def new_id(now: float) -> str:
     """Sortable, unique queue id: milliseconds since the epoch plus 40 random bits, hex."""
     return f"{int(now * 1000):011X}{secrets.token_hex(5).upper()}"
+
+
+def id_created(qid: str) -> float:
+    """The arrival time a queue id starts with (see new_id); 0.0 for anything else."""
+    try:
+        return int(qid[:11], 16) / 1000
+    except ValueError:
+        return 0.0
 
 
 class _GroupSync:
@@ -75,6 +88,8 @@ class _GroupSync:
         self._error: OSError | None = None
 
     def _fsync(self) -> None:
+        if "dir" in _UNSAFE_SKIP_FSYNC:
+            return
         fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -124,8 +139,18 @@ class SpoolStore:
     def prepare(self) -> None:
         """Create the folders; raise SpoolError with a clear reason if that is impossible."""
         try:
+            created = False
             for d in (self.root, self.msg, self.tmp, self.corrupt, self.ctl):
-                d.mkdir(parents=True, exist_ok=True)
+                if not d.is_dir():
+                    d.mkdir(parents=True, exist_ok=True)
+                    created = True
+            if created:
+                # A new folder's name is durable only once its parent is flushed: without this a
+                # power cut soon after the first start takes the whole spool, acknowledged mail and
+                # all (found by tests/e2e/test_powercut.py).
+                for d in (*reversed(self.root.resolve().parents), self.root):
+                    with contextlib.suppress(OSError):
+                        _fsync_dir(d)
             probe = self.tmp / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -145,6 +170,9 @@ class SpoolStore:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        if _UNSAFE_SKIP_FSYNC:
+            log.warning("spool: MTA_UNSAFE_SKIP_FSYNC=%s (test hook): acknowledged mail will not survive a "
+                        "power cut", ",".join(sorted(_UNSAFE_SKIP_FSYNC)))
 
     def hold_writer_lock(self) -> int:
         """A submission child holds this (shared) for its whole life; see wait_for_writers."""
@@ -208,7 +236,8 @@ class SpoolStore:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if "file" not in _UNSAFE_SKIP_FSYNC:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -336,13 +365,28 @@ class SpoolStore:
                 continue
             qid = name[:-5]
             try:
-                yield self.load_sync(qid)
+                meta = self.load_sync(qid)
             except CorruptEntry as exc:
-                log.error("spool: %s; moved to corrupt/", exc)
+                # The data goes along: left alone, the next start would delete it as unacknowledged.
+                log.error("spool: %s; moved to corrupt/ with its data", exc)
+                for part in (name, f"{qid}.eml"):
+                    with contextlib.suppress(OSError):
+                        os.rename(self.msg / part, self.corrupt / part)
+                # Flush the new names before any flush of msg/ can make the removal durable alone.
                 with contextlib.suppress(OSError):
-                    os.rename(self.msg / name, self.corrupt / name)
+                    _fsync_dir(self.corrupt)
+                continue
             except SpoolError:
                 continue
+            yield meta
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unusable(exc: OSError) -> str:

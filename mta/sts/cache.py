@@ -169,6 +169,10 @@ class PolicyCache:
             self._last_used_written[domain] = now
             await self._run(self._write_last_used, domain, now)
 
+    def size(self) -> int:
+        """How many policies are cached (in memory; 0 before the first lookup loads the file)."""
+        return len(self._entries)
+
     def last_used(self, domain: str) -> float | None:
         """When mail last went to `domain` (None if never, as far as this cache knows)."""
         return self._last_used.get(domain.lower())

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mta import log
+from mta import log, metrics
 from mta.config import SubmissionConfig
 from mta.errors import SpoolError
 from mta.spool.state import MessageMeta
@@ -226,6 +226,7 @@ class SubmissionHandler:
             return "451 4.3.0 Temporary local problem, try again later"
         log.event("accepted", queue_id=meta.id, **{"from": meta.sender}, nrcpt=len(meta.recipients),
                   size=meta.size, client=meta.client)
+        metrics.message_received(getattr(server, "listener", "smtp"))
         self.on_accept(meta)
         return f"250 2.0.0 Ok: queued as {meta.id}"
 

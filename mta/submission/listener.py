@@ -23,6 +23,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
+from mta import metrics
 from mta.config import Config, SubmissionConfig, parse_hostport
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
@@ -81,29 +82,40 @@ class _Limits:
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with a connection cap, AUTH failure delays and a memory-bounded DATA."""
 
-    def __init__(self, handler: SubmissionHandler, limits: _Limits, **kwargs: Any) -> None:
+    def __init__(self, handler: SubmissionHandler, limits: _Limits, listener: str = "smtp", **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._limits = limits
         self._counted = False
+        self.listener = listener  # metrics label: "smtp:PORT" or "smtps:PORT", never a client's text
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None and not self._counted:
             if self._limits.active >= self._limits.max_connections:
                 transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+                metrics.message_rejected("421")
                 transport.close()
                 self.transport = None
                 return
             self._limits.active += 1
             self._counted = True
+            metrics.connection_opened(self.listener)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted:
             self._limits.active -= 1
             self._counted = False
+            metrics.connection_closed(self.listener)
         if self.session is None:
             return
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session on EOF but (plain TCP) asks to keep the socket half-open,
+        # and nothing closes it until the idle timer: a client that connects and hangs up would
+        # hold a connection slot (and mta_smtp_connections) for idle_timeout. Close it now.
+        super().eof_received()
+        return False
 
     async def smtp_AUTH(self, arg: str) -> None:
         peer = self.session.peer[0] if self.session and isinstance(self.session.peer, tuple) else "?"
@@ -118,6 +130,12 @@ class RelaySMTP(SMTP):
                 return
             await super().smtp_AUTH(arg)
             self._limits.note_auth(peer, self.session is not None and bool(self.session.authenticated))
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        status = await super()._call_handler_hook(command, *args)
+        if command in ("MAIL", "RCPT", "DATA") and isinstance(status, str) and status[:1] in ("4", "5"):
+            metrics.message_rejected(status)  # our own refusals only (relay denied, disk full, ...)
+        return status
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -162,8 +180,10 @@ class RelaySMTP(SMTP):
             at_line_start = complete
         if limit and size > limit:
             status: Any = "552 5.3.4 Message size exceeds fixed maximum message size"
+            metrics.message_rejected(status)
         elif too_long:
             status = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
+            metrics.message_rejected(status)
         else:
             content = b"".join(kept)
             kept.clear()
@@ -180,6 +200,11 @@ def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx.load_cert_chain(cert, key)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def listener_name(implicit_tls: bool, port: int) -> str:
+    """The `listener` label of a socket: its kind and configured port (a small fixed set)."""
+    return f"{'smtps' if implicit_tls else 'smtp'}:{port}"
 
 
 def build_listeners(cfg: Config, store: SpoolStore, on_accept: Callable[[MessageMeta], None]) -> Listeners:
@@ -201,10 +226,11 @@ class Listeners:
         self.tls_context = server_tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         self.servers: list[asyncio.Server] = []
 
-    def _factory(self, implicit_tls: bool) -> SMTP:
+    def _factory(self, implicit_tls: bool, name: str) -> SMTP:
         return RelaySMTP(
             self.handler,
             self.limits,
+            name,
             hostname=self.hostname,
             ident="mta",
             data_size_limit=self.cfg.max_message_size,
@@ -220,8 +246,9 @@ class Listeners:
         for implicit, addrs in ((False, self.cfg.listen), (True, self.cfg.implicit_tls_listen)):
             for item in addrs:
                 host, port = parse_hostport(item)
+                name = listener_name(implicit, port)
                 server = await loop.create_server(
-                    lambda implicit=implicit: self._factory(implicit),  # type: ignore[misc]
+                    lambda implicit=implicit, name=name: self._factory(implicit, name),  # type: ignore[misc]
                     host=host, port=port, ssl=self.tls_context if implicit else None,
                     reuse_address=True, backlog=_BACKLOG,
                     # The SMTP idle timer starts only after the handshake: bound the handshake too.

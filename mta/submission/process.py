@@ -22,8 +22,9 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from mta import runtime
+from mta import metrics, runtime
 from mta.config import Config
+from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.listener import build_listeners
 
@@ -65,8 +66,15 @@ async def _child(cfg: Config, write_fd: int, parent: int) -> int:
     loop = asyncio.get_running_loop()
     runtime.use_io_threads(loop)
     transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0))
-    listeners = build_listeners(cfg, SpoolStore(cfg.queue.path),
-                                lambda meta: transport.write(f"{meta.id}\n".encode()))
+    # Our counts go to the parent, which alone exports them (mta.metrics); a message's counts are
+    # written before its id, so the parent never schedules mail it has not counted yet.
+    metrics.forward_to(lambda line: transport.write(line.encode()))
+
+    def accepted(meta: MessageMeta) -> None:
+        metrics.flush_forwarded()
+        transport.write(f"{meta.id}\n".encode())
+
+    listeners = build_listeners(cfg, SpoolStore(cfg.queue.path), accepted)
     for attempt in range(50):
         try:
             await listeners.start()
@@ -93,8 +101,10 @@ async def _child(cfg: Config, write_fd: int, parent: int) -> int:
     return 0
 
 
-async def read_notifications(fd: int, on_id: Callable[[str], None], on_ready: Callable[[str], None]) -> None:
-    """Parent side: call on_id for every accepted queue id until the child closes the pipe."""
+async def read_notifications(fd: int, on_id: Callable[[str], None], on_ready: Callable[[str], None],
+                             on_metrics: Callable[[str], None] = metrics.apply_forwarded) -> None:
+    """Parent side: call on_id for every accepted queue id until the child closes the pipe
+    (lines starting with metrics.FORWARD_PREFIX carry the child's counts)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 16)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
@@ -102,6 +112,8 @@ async def read_notifications(fd: int, on_id: Callable[[str], None], on_ready: Ca
         text = line.decode("ascii", "replace").strip()
         if text.startswith(READY):
             on_ready(text[len(READY):].strip())
+        elif text.startswith(metrics.FORWARD_PREFIX):
+            on_metrics(text[len(metrics.FORWARD_PREFIX):])
         elif text:
             on_id(text)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dkim
 
+from mta import metrics
 from mta.errors import ConfigError
 
 SIGNED_HEADERS = (b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type",
@@ -32,4 +33,5 @@ class DkimSigner:
                                length=False, tlsrpt=True)
         except dkim.DKIMException as exc:
             raise ValueError(f"DKIM signing failed: {exc}") from None
+        metrics.dkim_signed("rsa-sha256")
         return header + message

@@ -12,8 +12,11 @@ Rule, per policy domain with stored counts for the day:
    - `mailto:` -> the report email (RPT-18) is put into our own spool with the configured real
      envelope sender (RPT-23), so it is retried like any mail (RPT-21);
    - `https:` -> POST with `Content-Type: application/tlsrpt+gzip` over verified TLS (our DNS
-     resolver, certifi or `[tls] ca_file`), a few tries with exponential backoff (RPT-20/21).
-     A target that still fails is given up: reports are best-effort and never sent twice.
+     resolver, certifi or `[tls] ca_file`), a few quick tries with backoff (RPT-20).
+5. When no target took the report, each failed https target is queued in `post_retries` and
+   tried again with exponential back-off for 24 hours (RPT-21, mta.tlsrpt.retry; the `sent` row
+   says `retrying`); the first that accepts makes it `sent`, and after 24 hours it is `failed`.
+   `retry_loop` does this in `mta serve`, so retries survive restarts and `mta tlsrpt send`.
 
 `daily_loop` runs this in `mta serve` once a day, after `send_hour_utc` plus a random delay of up
 to `max_random_delay` (RPT-12), for the days before today that are not yet claimed.
@@ -22,10 +25,12 @@ to `max_random_delay` (RPT-12), for the days before today that are not yet claim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import random
 import secrets
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +41,7 @@ from typing import Any
 import aiohttp
 import certifi
 
-from mta import log
+from mta import log, metrics
 from mta.config import Config, TlsRptConfig
 from mta.errors import ConfigError, DnsError, MtaError, SpoolError
 from mta.net.dns import AiohttpResolver, Resolver, to_ascii
@@ -52,6 +57,7 @@ from mta.tlsrpt.report import (
     report_json,
     submitter_domain,
 )
+from mta.tlsrpt.retry import PendingPost, next_try
 from mta.tlsrpt.store import ResultStore, utc_day
 
 _log = logging.getLogger("mta.tlsrpt")
@@ -159,7 +165,7 @@ class ReportSender:
     def __init__(self, cfg: Config, results: ResultStore, store: SpoolStore, resolver: Resolver, *,
                  on_queued: Callable[[MessageMeta], None] | None = None, https_tries: int = 3,
                  https_backoff: float = 2.0, https_timeout: float = 30.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         if not (cfg.tlsrpt.contact_info and cfg.tlsrpt.report_sender):
             raise MtaError(f"{cfg.source}: tlsrpt.contact_info and tlsrpt.report_sender must be set to send reports")
         self.cfg = cfg
@@ -171,6 +177,7 @@ class ReportSender:
         self.https_backoff = https_backoff
         self.https_timeout = https_timeout
         self.clock = clock
+        self.rng = rng or random.Random()
 
     def _session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(resolver=AiohttpResolver(self.resolver),
@@ -236,10 +243,75 @@ class ReportSender:
         ok = any(success for success, _ in outcomes)
         targets = [text for _, text in outcomes]
         status = "sent" if ok else "failed"
+        if not ok and record.https and await self._queue_retries(report, record.https,
+                                                                 [t for _, t in outcomes[len(record.mailto):]]):
+            status = "retrying"
         await self.results.finish(day, report.domain, status, "; ".join(targets), report.report_id)
         log.event("tlsrpt", domain=report.domain, day=day.isoformat(), report_id=report.report_id, status=status,
                   reason="; ".join(targets))
         return DomainResult(day, domain, status, "; ".join(targets), report.report_id, targets)
+
+    async def _queue_retries(self, report: PreparedReport, urls: Sequence[str], errors: Sequence[str]) -> bool:
+        """RPT-21: keep the report for more tries at each failed https target; False if it cannot be kept."""
+        now = self.clock()
+        when = next_try(now, 1, now, self.rng)
+        if when is None:
+            return False
+        posts = [PendingPost(report.day, report.domain, url, report.report_id, report.gz, now, 1, when, err)
+                 for url, err in zip(urls, errors, strict=True)]
+        try:
+            await self.results.add_retries(posts)
+        except (sqlite3.Error, MtaError) as exc:  # MtaError: the cluster database (issue 15)
+            _log.error("tlsrpt: cannot keep the report of %s for retries: %s", report.domain, exc)
+            return False
+        _log.warning("tlsrpt: report of %s not delivered; trying again for 24 h", report.domain)
+        return True
+
+    async def retry_due(self) -> list[DomainResult]:
+        """One more POST for each queued report whose next try is due (RPT-21); one result per report."""
+        due = await self.results.due_retries(self.clock())
+        by_report: dict[tuple[datetime.date, str], list[PendingPost]] = {}
+        for post in due:
+            by_report.setdefault((post.day, post.domain), []).append(post)
+        results: list[DomainResult] = []
+        if not by_report:
+            return results
+        async with self._session() as session:
+            for (day, domain), posts in by_report.items():
+                results.append(await self._retry_report(session, day, domain, posts))
+        return results
+
+    async def _retry_report(self, session: aiohttp.ClientSession, day: datetime.date, domain: str,
+                            posts: list[PendingPost]) -> DomainResult:
+        report_id = posts[0].report_id
+        notes: list[str] = []
+        left = len(posts)
+        for post in posts:
+            try:
+                status = await post_report(session, post.url, post.body, tries=1, timeout=self.https_timeout)
+            except ReportDeliveryError as exc:
+                when = next_try(post.first_failed, post.tries + 1, self.clock(), self.rng)
+                if when is None:
+                    left = await self.results.drop_retry(day, domain, post.url)
+                    notes.append(f"{exc}; given up after {post.tries + 1} rounds in 24 h")
+                else:
+                    again = PendingPost(day, domain, post.url, report_id, post.body, post.first_failed,
+                                        post.tries + 1, when, str(exc))
+                    await self.results.add_retries([again])
+                    notes.append(f"{exc}; next try in {when - self.clock():.0f} s")
+                continue
+            await self.results.drop_retry(day, domain)  # one accepting target is enough
+            return await self._finish(day, domain, "sent", report_id, [f"{post.url}: {status} (try {post.tries + 1})"])
+        if left == 0:
+            return await self._finish(day, domain, "failed", report_id, notes)
+        return DomainResult(day, domain, "retrying", "; ".join(notes), report_id, notes)
+
+    async def _finish(self, day: datetime.date, domain: str, status: str, report_id: str,
+                      targets: list[str]) -> DomainResult:
+        await self.results.finish(day, domain, status, "; ".join(targets), report_id)
+        log.event("tlsrpt", domain=domain, day=day.isoformat(), report_id=report_id, status=status,
+                  reason="; ".join(targets))
+        return DomainResult(day, domain, status, "; ".join(targets), report_id, targets)
 
     async def _mail(self, report: PreparedReport, address: str, n: int) -> tuple[bool, str]:
         """Queue the report email to one mailto: address through our own spool (RPT-18, RPT-23)."""
@@ -262,7 +334,9 @@ class ReportSender:
             await self.store.put(meta, data)
         except (SpoolError, ConfigError, ValueError, UnicodeError) as exc:
             _log.error("tlsrpt: cannot queue the report of %s to %s: %s", report.domain, address, exc)
+            metrics.tlsrpt_report("mailto", False)
             return False, f"mailto:{address} failed: {exc}"
+        metrics.tlsrpt_report("mailto", True)
         if self.on_queued is not None:
             self.on_queued(meta)
         return True, f"mailto:{address} queued as {meta.id}"
@@ -273,7 +347,9 @@ class ReportSender:
                                        backoff=self.https_backoff, timeout=self.https_timeout)
         except ReportDeliveryError as exc:
             _log.warning("tlsrpt: report of %s not delivered: %s", report.domain, exc)
+            metrics.tlsrpt_report("https", False)
             return False, f"{exc}"
+        metrics.tlsrpt_report("https", True)
         return True, f"{url}: {status}"
 
     async def catch_up(self, today: datetime.date) -> list[DomainResult]:
@@ -329,10 +405,24 @@ async def run_daily(sender: ReportSender, cfg: TlsRptConfig, stop: asyncio.Event
         done_on = today
 
 
+async def retry_loop(sender: ReportSender, stop: asyncio.Event, interval: float = 60.0) -> None:
+    """Every `interval` seconds, the due retries of undelivered https reports (RPT-21)."""
+    while not stop.is_set():
+        try:
+            await sender.retry_due()
+        except (MtaError, OSError, sqlite3.Error, aiohttp.ClientError) as exc:
+            _log.error("tlsrpt: report retries failed: %s", exc)
+        except Exception:  # a bug must not end the retries for the life of the server
+            _log.exception("tlsrpt: report retries failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
 async def daily_loop(relay: Any, stop_event: asyncio.Event) -> None:
-    """The `mta serve` background task: daily reports from the relay's ResultStore, mails into its spool."""
+    """The `mta serve` background task: daily reports from the relay's ResultStore, mails into its
+    spool, and the retries of reports no https target took yet."""
     results = relay.recorder
     if not isinstance(results, ResultStore):
         return
     sender = ReportSender(relay.cfg, results, relay.store, relay.resolver, on_queued=relay.on_new_message)
-    await run_daily(sender, relay.cfg.tlsrpt, stop_event)
+    await asyncio.gather(run_daily(sender, relay.cfg.tlsrpt, stop_event), retry_loop(sender, stop_event))

@@ -21,6 +21,8 @@ What is counted (the caller reports every session, the rules are here):
 
 The `sent` table holds one row per (day, policy domain), inserted BEFORE a report goes out: a
 report is sent at most once, even across restarts and between `mta serve` and `mta tlsrpt send`.
+The `post_retries` table holds reports whose https targets all failed, per target, with the gzip
+body and when to try again (RPT-21, mta.tlsrpt.retry); the `sent` row says `retrying` meanwhile.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mta.db import open_wal
 from mta.errors import DnsError
 from mta.net.dns import to_ascii
 from mta.sts.policy import Policy
 from mta.tlsrpt.report import RESULT_TYPES, FailureDetail, PolicySummary
+from mta.tlsrpt.retry import PendingPost
 
 _log = logging.getLogger("mta.tlsrpt")
 
@@ -67,6 +71,10 @@ CREATE TABLE IF NOT EXISTS sent (
     day TEXT NOT NULL, domain TEXT NOT NULL, report_id TEXT NOT NULL, claimed_at REAL NOT NULL,
     status TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (day, domain));
+CREATE TABLE IF NOT EXISTS post_retries (
+    day TEXT NOT NULL, domain TEXT NOT NULL, url TEXT NOT NULL, report_id TEXT NOT NULL, body BLOB NOT NULL,
+    first_failed REAL NOT NULL, tries INTEGER NOT NULL, next_try REAL NOT NULL, last_error TEXT NOT NULL,
+    PRIMARY KEY (day, domain, url));
 """
 # Key columns are NOT NULL ('' for "absent"): SQLite treats NULLs in a UNIQUE key as distinct,
 # which would turn every UPSERT on such a row into a new row.
@@ -126,7 +134,7 @@ class SentRow:
     domain: str
     report_id: str
     claimed_at: float
-    status: str  # claimed | sent | failed
+    status: str  # claimed | sent | retrying | failed
     detail: str
 
 
@@ -330,7 +338,7 @@ class ResultStore:
         """Forget counts and sent rows of days before `before` (they can no longer be reported)."""
         iso = before.isoformat()
         with self._transaction() as conn:
-            for table in ("sessions", "failures", "sent"):
+            for table in ("sessions", "failures", "sent", "post_retries"):
                 conn.execute(f"DELETE FROM {table} WHERE day < ?", (iso,))  # table names are constants
 
     # -- the async API the sender uses (the cluster store overrides these, issue 15) ------------
@@ -353,6 +361,15 @@ class ResultStore:
 
     async def sent(self, day: datetime.date) -> dict[str, SentRow]:
         return await asyncio.to_thread(self.sent_sync, day)
+
+    async def add_retries(self, posts: list[PendingPost]) -> None:
+        await asyncio.to_thread(self.add_retries_sync, posts)
+
+    async def due_retries(self, now: float) -> list[PendingPost]:
+        return await asyncio.to_thread(self.due_retries_sync, now)
+
+    async def drop_retry(self, day: datetime.date, domain: str, url: str | None = None) -> int:
+        return await asyncio.to_thread(self.drop_retry_sync, day, domain, url)
 
     # -- the sent table ------------------------------------------------------------------------
 
@@ -381,3 +398,35 @@ class ResultStore:
                            (day.isoformat(),))
         return {str(d): SentRow(day, str(d), str(rid), float(at), str(st), str(det))  # type: ignore[arg-type]
                 for d, rid, at, st, det in rows}
+
+    # -- the post_retries table (RPT-21) -------------------------------------------------------
+
+    def add_retries_sync(self, posts: list[PendingPost]) -> None:
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO post_retries (day, domain, url, report_id, body, first_failed, tries, "
+                "next_try, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(p.day.isoformat(), _host(p.domain), p.url, p.report_id, p.body, p.first_failed, p.tries,
+                  p.next_try, p.last_error) for p in posts])
+
+    def due_retries_sync(self, now: float) -> list[PendingPost]:
+        rows = self._query("SELECT day, domain, url, report_id, body, first_failed, tries, next_try, last_error "
+                           "FROM post_retries WHERE next_try <= ? ORDER BY next_try", (now,))
+        return [_pending(row) for row in rows]
+
+    def drop_retry_sync(self, day: datetime.date, domain: str, url: str | None = None) -> int:
+        """Forget one target's retries (or the whole report's); returns how many remain for the report."""
+        args: tuple[object, ...] = (day.isoformat(), _host(domain))
+        with self._transaction() as conn:
+            if url is None:
+                conn.execute("DELETE FROM post_retries WHERE day = ? AND domain = ?", args)
+            else:
+                conn.execute("DELETE FROM post_retries WHERE day = ? AND domain = ? AND url = ?", (*args, url))
+            (left,) = conn.execute("SELECT COUNT(*) FROM post_retries WHERE day = ? AND domain = ?", args).fetchone()
+        return int(left)
+
+
+def _pending(row: tuple[Any, ...]) -> PendingPost:
+    day, domain, url, report_id, body, first, tries, nxt, err = row
+    return PendingPost(datetime.date.fromisoformat(day), domain, url, report_id, bytes(body), float(first),
+                       int(tries), float(nxt), err)

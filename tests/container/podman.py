@@ -42,9 +42,10 @@ def readme_command(*prefix: str, having: str = "") -> list[str]:
     return found[0]
 
 
-def podman(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def podman(*args: str, check: bool = True, timeout: float = 60,
+           stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, CONTAINERS_CONF=str(CONF))
-    r = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and r.returncode != 0:
         raise AssertionError(f"podman {shlex.join(args)}: exit {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
@@ -59,10 +60,10 @@ class Container:
     def __init__(self, cid: str) -> None:
         self.id = cid
 
-    def exec(self, *cmd: str, check: bool = True,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
-        return podman("exec", *flags, self.id, *cmd, check=check)
+    def exec(self, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
+             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        flags = [f"--env={k}={v}" for k, v in (env or {}).items()] + (["--interactive"] if stdin is not None else [])
+        return podman("exec", *flags, self.id, *cmd, check=check, stdin=stdin)
 
     def logs(self) -> str:
         r = podman("logs", self.id, check=False)
@@ -127,12 +128,14 @@ def volume() -> Iterator[str]:
         podman("volume", "rm", "--force", name, check=False)
 
 
-def run_args(readme_run: list[str], *, volume_name: str, port: int, extra_env: dict[str, str]) -> list[str]:
+def run_args(readme_run: list[str], *, volume_name: str, port: int, http_port: int,
+             extra_env: dict[str, str], extra_args: tuple[str, ...] = ()) -> list[str]:
     """The README's `podman run ...` as `podman create` arguments for a test.
 
-    Changed, and only these: no `-d`/`--name` (the test works by id), the volume name, the port
-    in MTA_LISTEN (2525 may be taken on a shared machine), the image name, the health timer off
-    (no systemd here; `podman healthcheck run` runs the check), plus the test's own variables.
+    Changed, and only these: no `-d`/`--name` (the test works by id), the volume name, the ports
+    in MTA_LISTEN and MTA_HTTP_LISTEN (2525 and 8025 may be taken on a shared machine), the image
+    name, the health timer off (no systemd here; `podman healthcheck run` runs the check), plus
+    the test's own variables and `extra_args`.
     """
     assert readme_run[:2] == ["podman", "run"], readme_run
     args = list(readme_run[2:])
@@ -154,9 +157,11 @@ def run_args(readme_run: list[str], *, volume_name: str, port: int, extra_env: d
             value = next(it)
             if value.startswith("MTA_LISTEN="):
                 value = re.sub(r":2525$", f":{port}", value)
+            if value.startswith("MTA_HTTP_LISTEN="):
+                value = re.sub(r":8025$", f":{http_port}", value)
             out += ["-e", value]
             continue
         out.append(a)
     for k, v in extra_env.items():
         out += ["-e", f"{k}={v}"]
-    return [*out, "--health-interval", "disable", IMAGE]
+    return [*out, *extra_args, "--health-interval", "disable", IMAGE]

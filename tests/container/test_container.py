@@ -11,8 +11,10 @@ the host's IP forwarding).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import smtplib
+import time
 import tomllib
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -73,15 +75,26 @@ def submit(port: int, source: str | None = None, to: str = "user@example.test") 
 
 
 @contextlib.contextmanager
-def quick_start(extra_env: dict[str, str], volume_name: str | None = None) -> Iterator[tuple[Container, int]]:
-    """The README's host-network `podman run`, on a free port, with its own volume unless given."""
+def quick_start(extra_env: dict[str, str], volume_name: str | None = None, http_port: int | None = None,
+                extra_args: tuple[str, ...] = ()) -> Iterator[tuple[Container, int]]:
+    """The README's host-network `podman run`, on free ports, with its own volume unless given."""
     port = free_port()
     with contextlib.ExitStack() as stack:
         vol = volume_name or stack.enter_context(volume())
         args = run_args(readme_command("podman", "run", having="--network"), volume_name=vol, port=port,
-                        extra_env=extra_env)
+                        http_port=http_port or free_port(), extra_env=extra_env, extra_args=extra_args)
         box = stack.enter_context(container(args, listen=("127.0.0.1", port)))
         yield box, port
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
 
 
 def test_ctr_1_5_image_is_non_root_with_healthcheck_and_valid_config() -> None:
@@ -94,16 +107,19 @@ def test_ctr_1_5_image_is_non_root_with_healthcheck_and_valid_config() -> None:
     assert r.stdout.strip() == "/etc/mta/config.toml: ok"
     env = [w for w in readme_command("podman", "run", having="--network") if w.startswith("MTA_")]
     r = podman("run", "--rm", "--network", "none", *[f"--env={e}" for e in env], IMAGE, "check-config")
-    assert r.stdout.strip() == "/etc/mta/config.toml: ok (overridden by MTA_HOSTNAME, MTA_LISTEN)"
+    assert r.stdout.strip() == "/etc/mta/config.toml: ok (overridden by MTA_HOSTNAME, MTA_LISTEN, MTA_HTTP_LISTEN)"
     bad = podman("run", "--rm", "--network", "none", "--env=MTA_RELAY_NETWORKS=everyone", IMAGE, "check-config",
                  check=False)
     assert bad.returncode == 1
     assert "$MTA_RELAY_NETWORKS: submission.relay_networks[0]: 'everyone' is not a network" in bad.stderr
 
 
+def has_sendmail() -> bool:
+    return "sendmail" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
 def test_ctr_8_sendmail_is_linked_when_the_package_has_it() -> None:
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    if "sendmail" not in scripts:
+    if not has_sendmail():
         pytest.skip("no `sendmail` console script in pyproject.toml yet (issue 12)")
     r = podman("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c",
                "test -x /usr/sbin/sendmail && readlink /usr/sbin/sendmail")
@@ -112,7 +128,8 @@ def test_ctr_8_sendmail_is_linked_when_the_package_has_it() -> None:
 
 def test_ctr_1_2_6_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(world: tuple[FakeDns, FakeMx]) -> None:
     dns_server, mx = world
-    with quick_start({"MTA_NAMESERVERS": dns_server.host}) as (box, port):
+    http_port = free_port()
+    with quick_start({"MTA_NAMESERVERS": dns_server.host}, http_port=http_port) as (box, port):
         # The relay runs as the image's user, not root (uid 10025 in the Dockerfile).
         status = box.exec("cat", "/proc/1/status").stdout
         [uids] = [line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")]
@@ -123,12 +140,27 @@ def test_ctr_1_2_6_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(wo
         assert b"hello through the container" in got.data
         # MTA_HOSTNAME from the README is the EHLO name the MX saw.
         assert mx.sessions[0].ehlo_names == ["relay.example.org"]
-        assert "Mail queue is empty" in box.exec("mta", "queue", "list").stdout
-        # HEALTHCHECK passes, and the same check fails where nothing listens.
+        if has_sendmail():
+            # An application inside the container: /usr/sbin/sendmail -t -i, as cron or PHP call it.
+            sent = box.exec("/usr/sbin/sendmail", "-t", "-i", stdin=message("other@example.test").as_string())
+            assert sent.returncode == 0, sent.stderr
+            got = mx.wait_for_messages_blocking(2, timeout=15)[1]
+            assert got.rcpt_tos == ["other@example.test"]
+        # The MX's 250 comes before mta's state write: give the spool a moment to drain.
+        deadline = time.monotonic() + 10
+        while "Mail queue is empty" not in (listing := box.exec("mta", "queue", "list").stdout):
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.2)
+        # The HTTP endpoint from the host: ready, and the message counted.
+        status, body = http_get(http_port, "/readyz")
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
+        status, metrics = http_get(http_port, "/metrics")
+        assert status == 200 and f'mta_messages_received_total{{listener="smtp:{port}"}} 1.0' in metrics
+        # HEALTHCHECK (GET /readyz) passes, and the same check fails where nothing listens.
         assert podman("healthcheck", "run", box.id, check=False).returncode == 0
         down = box.exec("python3", "-m", "mta.healthcheck", "--timeout", "2", check=False,
-                        env={"MTA_LISTEN": f"127.0.0.1:{free_port()}"})
-        assert down.returncode == 1 and "unhealthy: SMTP 127.0.0.1:" in down.stderr
+                        env={"MTA_HTTP_LISTEN": f"127.0.0.1:{free_port()}"})
+        assert down.returncode == 1 and "unhealthy: http://127.0.0.1:" in down.stderr
         assert box.stop() == 0
 
 
@@ -145,8 +177,9 @@ def test_ctr_4_spool_volume_keeps_deferred_mail_across_a_restart(world: tuple[Fa
             [queued] = json.loads(box.exec("mta", "queue", "list", "--json").stdout)
             assert box.stop() == 0
             assert "mta[stopping]" in box.logs()
-        # A new container on the same volume (as after an image upgrade) still has the message ...
-        with quick_start(env, vol) as (box, port):
+        # A new container on the same volume (as after an image upgrade) still has the message, also
+        # with a read-only root file system and no /tmp (as deploy/kubernetes runs it) ...
+        with quick_start(env, vol, extra_args=("--read-only", "--read-only-tmpfs=false")) as (box, port):
             [again] = json.loads(box.exec("mta", "queue", "list", "--json").stdout)
             assert again["id"] == queued["id"]
             assert again["recipients"][0]["attempts"] >= 1

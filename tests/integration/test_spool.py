@@ -57,8 +57,9 @@ def test_recover_cleans_debris_and_quarantines_corrupt_meta(tmp_path: Path) -> N
     (store.msg / "BAD.json").write_text("{not json")
     (store.msg / "BAD.eml").write_bytes(b"x")
     assert list(store.recover()) == []
-    assert sorted(p.name for p in store.msg.iterdir()) == ["BAD.eml"]
-    assert [p.name for p in store.corrupt.iterdir()] == ["BAD.json"]
+    assert list(store.msg.iterdir()) == []
+    # The data goes along with its unreadable envelope, so no later start deletes it as debris.
+    assert sorted(p.name for p in store.corrupt.iterdir()) == ["BAD.eml", "BAD.json"]
     assert list(store.tmp.iterdir()) == []
 
 

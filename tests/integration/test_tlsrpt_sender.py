@@ -14,6 +14,7 @@ import email.policy
 import gzip
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -29,7 +30,7 @@ from mta.spool import control
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.sts.policy import Policy
-from mta.tlsrpt.sender import ReportSender, run_daily, send_time
+from mta.tlsrpt.sender import ReportSender, retry_loop, run_daily, send_time
 from mta.tlsrpt.store import ResultStore
 from tests.support.fake_dns import FakeDns, Zone
 from tests.support.pki import TestPki
@@ -175,19 +176,104 @@ async def test_rpt_21_https_retried_then_accepted(cfg: Config, spool: SpoolStore
     assert len({body for *_, body in rua.requests}) == 1  # the same report each time
 
 
-async def test_rpt_21_https_given_up_after_bounded_tries_and_never_resent(
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked_sender(cfg: Config, spool: SpoolStore, clock: Clock) -> ReportSender:
+    resolver = Resolver(cfg.dns.nameservers, cfg.dns.port, cfg.dns.timeout)
+    return ReportSender(cfg, ResultStore(cfg.tlsrpt.db_path), spool, resolver, https_tries=3, https_backoff=0.02,
+                        https_timeout=3.0, clock=clock, rng=random.Random(7))
+
+
+async def test_rpt_21_failing_endpoint_retried_with_backoff_until_accepted(
         cfg: Config, spool: SpoolStore, dns_server: FakeDns, rua: RuaServer) -> None:
-    """RPT-21: an endpoint that keeps failing gets exactly 3 tries, then the report is given up;
-    a second run skips it (claimed before sending: at most once)."""
-    rua.statuses = [500] * 10
+    """RPT-21: three quick tries fail, so the report is kept (`retrying`) instead of given up; a
+    minute later one more POST (503), two minutes after that a 201: `sent`, the same report body
+    every time, and a later run neither resends nor retries it."""
+    rua.statuses = [500, 500, 500, 503, 201]
     dns_server.zone.add(TLSRPT, "TXT", f'"v=TLSRPTv1; rua={rua.url()}"')
     await record_day(cfg)
-    (result,) = await make_sender(cfg, spool).send_day(DAY)
-    assert result.status == "failed" and "HTTP 500" in result.detail and "3 tries" in result.detail
+    clock = Clock(NOON + 86400)
+    sender = clocked_sender(cfg, spool, clock)
+    (result,) = await sender.send_day(DAY)
+    assert result.status == "retrying" and "HTTP 500" in result.detail
+    assert sender.results.sent_sync(DAY)["example.test"].status == "retrying"
     assert len(rua.requests) == 3
-    (again,) = await make_sender(cfg, spool).send_day(DAY)
-    assert again.status == "skipped" and "failed" in again.detail
-    assert len(rua.requests) == 3
+    (pending,) = sender.results.due_retries_sync(float("inf"))
+    assert 54 <= pending.next_try - clock.now <= 66 and pending.tries == 1
+    clock.now += 30
+    assert await sender.retry_due() == [] and len(rua.requests) == 3  # not due yet
+    clock.now = pending.next_try
+    (again,) = await sender.retry_due()
+    assert again.status == "retrying" and "HTTP 503" in again.detail and len(rua.requests) == 4
+    (pending,) = sender.results.due_retries_sync(float("inf"))
+    assert 108 <= pending.next_try - clock.now <= 132 and pending.tries == 2  # the delay doubled
+    clock.now = pending.next_try
+    (done,) = await sender.retry_due()
+    assert (done.status, done.report_id) == ("sent", result.report_id) and "HTTP 201" in done.detail
+    assert sender.results.sent_sync(DAY)["example.test"].status == "sent"
+    assert sender.results.due_retries_sync(float("inf")) == []
+    assert len(rua.requests) == 5 and len({body for *_, body in rua.requests}) == 1
+    clock.now += 86400
+    assert await sender.retry_due() == []
+    (skipped,) = await sender.send_day(DAY)
+    assert skipped.status == "skipped" and len(rua.requests) == 5
+
+
+async def test_rpt_21_report_given_up_after_24_hours_of_backoff(
+        cfg: Config, spool: SpoolStore, dns_server: FakeDns, rua: RuaServer) -> None:
+    """RPT-21: an endpoint that never accepts is tried with growing gaps (capped at 2 h) until 24 h
+    after the first failure, the last try at the 24 h mark; then the report is `failed` for good."""
+    rua.statuses = [500] * 100
+    dns_server.zone.add(TLSRPT, "TXT", f'"v=TLSRPTv1; rua={rua.url()}"')
+    await record_day(cfg)
+    start = NOON + 86400
+    clock = Clock(start)
+    sender = clocked_sender(cfg, spool, clock)
+    (result,) = await sender.send_day(DAY)
+    assert result.status == "retrying"
+    tries_at: list[float] = []
+    final = result
+    while final.status == "retrying":
+        (pending,) = sender.results.due_retries_sync(float("inf"))
+        clock.now = pending.next_try
+        tries_at.append(clock.now)
+        (final,) = await sender.retry_due()
+        assert len(tries_at) < 40
+    assert final.status == "failed" and "given up" in final.detail
+    assert sender.results.sent_sync(DAY)["example.test"].status == "failed"
+    assert tries_at[-1] == start + 24 * 3600  # the last try closes the window
+    gaps = [b - a for a, b in zip([start, *tries_at], tries_at, strict=False)]
+    assert gaps[1] > gaps[0] * 1.5 and max(gaps) <= 2 * 3600 * 1.1
+    assert len(rua.requests) == 3 + len(tries_at)
+    clock.now += 3600
+    assert await sender.retry_due() == [] and len(rua.requests) == 3 + len(tries_at)
+
+
+async def test_rpt_21_retry_loop_of_mta_serve_posts_due_reports(
+        cfg: Config, spool: SpoolStore, dns_server: FakeDns, rua: RuaServer) -> None:
+    """RPT-21: the background loop `mta serve` runs retries due reports without any other trigger."""
+    rua.statuses = [500, 500, 500]
+    dns_server.zone.add(TLSRPT, "TXT", f'"v=TLSRPTv1; rua={rua.url()}"')
+    await record_day(cfg)
+    clock = Clock(NOON + 86400)
+    sender = clocked_sender(cfg, spool, clock)
+    assert (await sender.send_day(DAY))[0].status == "retrying"
+    clock.now += 3600
+    stop = asyncio.Event()
+    task = asyncio.create_task(retry_loop(sender, stop, interval=0.05))
+    for _ in range(200):
+        if sender.results.sent_sync(DAY)["example.test"].status == "sent":
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert sender.results.sent_sync(DAY)["example.test"].status == "sent" and len(rua.requests) == 4
 
 
 async def test_rpt_20_https_endpoint_certificate_is_validated(cfg: Config, spool: SpoolStore,
@@ -202,7 +288,7 @@ async def test_rpt_20_https_endpoint_certificate_is_validated(cfg: Config, spool
         (result,) = await make_sender(cfg, spool).send_day(DAY)
     finally:
         await runner.cleanup()
-    assert result.status == "failed" and "certificate" in result.detail.lower()
+    assert result.status == "retrying" and "certificate" in result.detail.lower()  # RPT-21: tried again later
     assert server.requests == []
 
 

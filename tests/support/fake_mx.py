@@ -72,6 +72,7 @@ class ReceivedMessage:
     mail_options: list[str]
     tls_version: str | None
     sni: str | None
+    received_at: float = field(default_factory=time.time)  # comparable with other processes' clocks
 
 
 @dataclass

@@ -21,7 +21,8 @@ def test_ctr_5_env_overrides_win_over_the_file(tmp_path: Path) -> None:
                  '[delivery]\nrelayhost = "smart.example:25"\n')
     env = {"MTA_HOSTNAME": "env.example", "MTA_LISTEN": "127.0.0.1:2600, [::1]:2600",
            "MTA_RELAY_NETWORKS": "10.88.0.1/32,192.0.2.0/24", "MTA_RELAYHOST": "other.example:587",
-           "MTA_RELAYHOST_TLS": "may", "MTA_NAMESERVERS": "127.0.0.53", "UNRELATED": "x"}
+           "MTA_RELAYHOST_TLS": "may", "MTA_NAMESERVERS": "127.0.0.53", "MTA_HTTP_LISTEN": "127.0.0.1:8125",
+           "UNRELATED": "x"}
     cfg = config.load(p, env)
     assert cfg.hostname == "env.example"
     assert cfg.submission.listen == ("127.0.0.1:2600", "[::1]:2600")
@@ -30,6 +31,7 @@ def test_ctr_5_env_overrides_win_over_the_file(tmp_path: Path) -> None:
     assert cfg.delivery.relayhost == "other.example:587"
     assert cfg.delivery.relayhost_tls == "may"
     assert cfg.dns.nameservers == ("127.0.0.53",)
+    assert cfg.http.listen == "127.0.0.1:8125"
     # Without an environment (what every other caller passes) the file alone counts.
     assert config.load(p).hostname == "file.example"
 
@@ -73,10 +75,15 @@ def test_ctr_5_env_does_not_hide_a_broken_file(tmp_path: Path) -> None:
 def test_ctr_5_every_variable_is_documented() -> None:
     example = (ROOT / "config.example.toml").read_text()
     readme = (ROOT / "README.md").read_text()
+    lines: dict[str, str] = {}  # "section.key" -> its line in the example
+    section = ""
+    for line in example.splitlines():
+        if line.startswith("["):
+            section = line.split("]")[0].strip("[") + "."
+        elif " = " in line and not line.startswith("#"):
+            lines[f"{section}{line.split(' = ')[0]}"] = line
     for var, key in config.ENV_KEYS.items():
-        name = key.rpartition(".")[2]
-        [line] = [x for x in example.splitlines() if x.startswith(f"{name} =")]
-        assert var in line, f"config.example.toml: {key} does not mention {var}"
+        assert var in lines[key], f"config.example.toml: {key} does not mention {var}"
         assert var in readme, f"README.md does not mention {var}"
 
 
@@ -87,6 +94,7 @@ def test_ctr_3_image_config_is_valid_and_loopback_only() -> None:
     assert all(net.is_loopback for net in cfg.submission.networks)
     assert cfg.queue.path == "/var/spool/mta"
     assert cfg.mta_sts.cache_path.startswith("/var/spool/mta/") and cfg.tlsrpt.db_path.startswith("/var/spool/mta/")
+    assert cfg.http.listen == "0.0.0.0:8025"  # probes and scrapes reach it from outside the container
 
 
 def test_ctr_5_check_config_uses_mta_config_and_names_the_overrides(tmp_path: Path) -> None:

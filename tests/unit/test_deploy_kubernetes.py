@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from mta import config
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+CONTAINER_CONFIG = ROOT / "deploy" / "container" / "config.toml"
 
 
 def documents() -> list[dict[str, Any]]:
@@ -33,7 +30,7 @@ def one(kind: str) -> dict[str, Any]:
 def test_ctr_7_k8s_manifests_parse() -> None:
     assert MANIFESTS
     kinds = sorted(d["kind"] for d in documents())
-    assert kinds == ["ConfigMap", "NetworkPolicy", "Service", "Service", "StatefulSet"]
+    assert kinds == ["NetworkPolicy", "Service", "Service", "StatefulSet"]
 
 
 def test_ctr_3_7_k8s_smtp_reachable_only_from_labelled_client_pods() -> None:
@@ -80,22 +77,15 @@ def test_ctr_7_k8s_statefulset_has_one_spool_volume_per_pod_and_probes() -> None
         assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
 
 
-def test_ctr_7_k8s_config_and_environment_are_valid(tmp_path: Path) -> None:
+def test_ctr_7_k8s_ports_and_environment_match_the_image_config() -> None:
     sts = one("StatefulSet")
     [ctr] = sts["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in ctr["env"]}
-    assert set(env) <= {"MTA_CONFIG", *config.ENV_KEYS}
-    text = one("ConfigMap")["data"]["config.toml"]
-    mount = {m["name"]: m["mountPath"] for m in ctr["volumeMounts"]}["config"]
-    assert env["MTA_CONFIG"] == f"{mount}/config.toml"
+    assert set(env) <= set(config.ENV_KEYS)
+    # The pod runs the image's own config with these variables: valid, and its ports are the
+    # ones the probes, the annotation and the Services use.
+    cfg = config.load(CONTAINER_CONFIG, env)
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
-    http_listen = tomllib.loads(text)["http"]["listen"]
-    assert re.fullmatch(r"0\.0\.0\.0:([0-9]+)", http_listen) and int(http_listen.rsplit(":", 1)[1]) == ports["http"]
-    assert tomllib.loads(text)["submission"]["listen"] == [f"0.0.0.0:{ports['smtp']}"]
-    # The environment on the image's own config, as in a pod without the ConfigMap.
-    config.load(ROOT / "deploy" / "container" / "config.toml", {k: v for k, v in env.items() if k != "MTA_CONFIG"})
-    if "http" not in {f.name for f in dataclasses.fields(config.Config)}:
-        pytest.skip("[http] (the /healthz, /readyz and /metrics listener, issue 14) is not in mta.config yet")
-    p = tmp_path / "config.toml"
-    p.write_text(text)
-    config.load(p, env)
+    assert cfg.submission.listen == (f"0.0.0.0:{ports['smtp']}",)
+    assert cfg.http.listen == f"0.0.0.0:{ports['http']}"
+    assert ctr["readinessProbe"]["httpGet"]["port"] == "http"
