@@ -170,3 +170,25 @@ async def test_clu_6_a_batch_whose_commit_outcome_was_lost_is_not_counted_twice(
     await db.run(lambda conn: store._apply(conn, batch))  # the retry after a lost COMMIT reply
     assert await _totals(store) == (2, 2)
     await db.close()
+
+
+@pytest.mark.req("CLU-3", "RPT-21")
+async def test_clu_3_https_retries_are_taken_by_one_node_and_return_after_the_lease(pg_url: str) -> None:
+    from mta.tlsrpt.retry import PendingPost
+
+    a, b = await started(pg_url, "a"), await started(pg_url, "b")
+    sa, sb = PgResultStore(a, lease=1.0), PgResultStore(b, lease=1.0)
+    day = datetime.date(2026, 12, 1)
+    now = time.time()
+    post = PendingPost(day, "x.test", "https://rua.x.test/r", "rid", b"\x1f\x8bgz", now - 60, 1, now - 1, "HTTP 503")
+    await sa.add_retries([post, PendingPost(**{**post.__dict__, "url": "https://two.x.test/r"})])
+    taken = await asyncio.gather(sa.due_retries(now), sb.due_retries(now))
+    assert sorted(len(t) for t in taken) == [0, 2]  # one node takes both, the other none
+    [got, _] = next(t for t in taken if t)
+    assert (got.body, got.tries, got.report_id) == (b"\x1f\x8bgz", 1, "rid")
+    assert await sb.due_retries(now + 0.5) == []
+    assert len(await sb.due_retries(now + 1.5)) == 2  # the taker died: due again after the lease
+    assert await sa.drop_retry(day, "x.test", "https://rua.x.test/r") == 1
+    assert await sa.drop_retry(day, "x.test") == 0
+    await a.close()
+    await b.close()
