@@ -16,7 +16,7 @@ from mta.sts.decide import CacheEntry
 from mta.sts.policy import parse_policy
 from tests.support.postgres import PostgresServer
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(30, func_only=True)  # the session's PostgreSQL starts in a setup
 
 
 def entry(domain: str, fetched: float, mode: str = "enforce", txt_id: str = "1") -> CacheEntry:

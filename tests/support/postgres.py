@@ -55,6 +55,7 @@ class PostgresServer:
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
         self.root.chmod(0o700)
         self._initialised = False
+        self.running = False
 
     def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bindir / args[0]), *args[1:]]
@@ -79,10 +80,12 @@ class PostgresServer:
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", opts, "-w", "-t", "30",
                   "start")
+        self.running = True
         return self
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
+        self.running = False
 
     def destroy(self) -> None:
         with contextlib.suppress(PostgresUnavailable, subprocess.TimeoutExpired):
@@ -123,11 +126,14 @@ def pg_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture
 def pg_url(pg_server: PostgresServer) -> Iterator[str]:
-    """A fresh database on the session's server, dropped afterwards."""
+    """A fresh database on the session's server, dropped afterwards (a test that stopped the
+    server to simulate an outage gets it started again here)."""
     url = pg_server.create_database()
     try:
         yield url
     finally:
+        if not pg_server.running:
+            pg_server.start()
         pg_server.drop_database(url)
 
 
