@@ -153,6 +153,9 @@ class ClusterConfig:
     database: str = ""  # postgresql://user@host:port/db; never logged with its password
     node_name: str = ""  # empty = the host name; unique per node
     heartbeat_interval: float = field(default=5.0, metadata=_meta("duration"))
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     listen: str = ""  # host:port of the operations endpoint (metrics, health, queue API); empty = off
     admin_token: str = ""  # Bearer token for /api; required off loopback, and enforced whenever set
