@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiosmtplib
 
+from tests.support.dkim import make_key
 from tests.support.relay import listen_address
 from tests.support.world import World
 
@@ -48,8 +49,11 @@ def main() -> int:
             world.domain("dst.test", [(10, "mx1.dst.test")])
             if args.mode == "enforce":
                 world.sts("dst.test", "enforce", ["mx1.dst.test"])
-            extra = {"tlsrpt": {"enabled": True, "contact_info": "t@relay.test", "report_sender": "r@relay.test",
-                                "db_path": str(tmp / "rpt.db")}} if args.tlsrpt else {}
+            extra: dict[str, object] = {}
+            if args.tlsrpt:
+                key = make_key(tmp / "keys", "relay.test", "rpt")  # report mails must be signed (RPT-18)
+                extra = {"tlsrpt": {"enabled": True, "contact_info": "t@relay.test", "report_sender": "r@relay.test",
+                                    "db_path": str(tmp / "rpt.db")}, "dkim": {"keys": [key.config()]}}
             relay = world.relay(world.config(log={"format": "json", "level": "warning"}, **extra))
             host, port = listen_address(relay.data)
             latencies: list[float] = []

@@ -177,7 +177,11 @@ class Relay:
             await self._start_cluster()
         started = time.monotonic() - resume_seconds  # recovery may have run before the fork
         if resumed is None:
-            resumed = await asyncio.to_thread(resume, self.store)
+            def guarded() -> list[tuple[str, float]]:
+                with self.store.writers_excluded():  # no `sendmail` writes during the scan
+                    return resume(self.store)
+
+            resumed = await asyncio.to_thread(guarded)
         for qid, due in resumed:
             if due is None:
                 self.scheduler.held.add(qid)

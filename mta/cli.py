@@ -1,6 +1,7 @@
 """Command-line interface: parses arguments, formats output and exit codes; no business logic.
 
-    mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt | cluster
+    mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
+        | dkim keygen|check | sendmail | cluster status
 Every command takes --config F (default: $MTA_CONFIG, else config.toml). Exit codes: 0 ok, 1 error, 2 usage.
 """
 
@@ -78,7 +79,9 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from mta.app import resume, serve
+    from mta.dkim.signer import Signer
 
+    Signer.from_config(cfg)  # a key that cannot sign stops us here, before any fork (as check-config)
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None
     resumed: list[tuple[str, float | None]] | None = None
@@ -92,15 +95,20 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         store.prepare()
         store.lock()
         assert store._lock_fd is not None
-        store.wait_for_writers()
         t0 = time.monotonic()
-        resumed = resume(store)
+        # Exclusive writers' lock during recovery: a child of a killed server or a `sendmail`
+        # caught mid-write finishes first, and new ones wait until the scan is done.
+        with store.writers_excluded():
+            resumed = resume(store)
         resume_seconds = time.monotonic() - t0
         child = spawn(cfg, close_fds=(store._lock_fd,))
     return runtime.run(serve(cfg, store, child, resumed, resume_seconds))
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from mta.dkim.keys import load_keys
+
+    load_keys(cfg.dkim, cfg.source)  # unreadable, wrong-type or too short DKIM keys (DKIM-3)
     applied = config_mod.env_applied(os.environ)
     print(f"{cfg.source}: ok" + (f" (overridden by {', '.join(applied)})" if applied else ""))
     return 0
@@ -163,10 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     from mta.cli_cluster import add_cluster_parser
 
     add_cluster_parser(sub, common)
+    from mta.cli_dkim import add_dkim_parser
+
+    add_dkim_parser(sub, common)
+    # Listed for --help only: main() hands `mta sendmail ...` to mta.sendmail before argparse.
+    sub.add_parser("sendmail", help="sendmail-compatible submission: mta sendmail [--config F] [-t] [-i] ... [rcpt]")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sendmail"]:
+        # sendmail's flags (-t, -FCronDaemon, -oi ...) are not argparse's: its own parser takes them.
+        from mta.sendmail.main import mta_main
+
+        return mta_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "raw", None):
         return int(args.raw(args))

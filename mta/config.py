@@ -142,8 +142,28 @@ class TlsRptConfig:
     max_random_delay: float = field(default=4 * 3600.0, metadata=_meta("duration"))
     record_all_sessions: bool = False
     db_path: str = field(default="queue/tlsrpt.db", metadata=_meta("path"))
-    dkim_selector: str = ""
-    dkim_key_file: str = field(default="", metadata=_meta("path"))
+
+
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+
+
+@dataclass(frozen=True)
+class DkimKeyConfig:
+    """One `[[dkim.keys]]` table: signs mail whose From: domain is `domain` or below it."""
+
+    domain: str = ""
+    selector: str = ""
+    key_file: str = field(default="", metadata=_meta("path"))
+    algorithm: str = "rsa-sha256"
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    enabled: bool = False
+    headers: tuple[str, ...] = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "In-Reply-To",
+                                "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding")
+    oversign: tuple[str, ...] = ("From", "Subject", "Date", "To", "Cc")
+    keys: tuple[DkimKeyConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,6 +198,7 @@ class Config:
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = field(default="<defaults>", metadata=_meta("internal"))
@@ -230,6 +251,11 @@ def _convert(src: str, key: str, value: Any, f: dataclasses.Field[Any], hint: An
         if not isinstance(value, str):
             _fail(src, key, f"expected a string, got {value!r}")
         return value
+    if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        # An array of tables ([[dkim.keys]]): each entry is built and checked like a section.
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            _fail(src, key, "expected an array of tables")
+        return tuple(_build(typing.get_args(hint)[0], item, src, f"{key}[{i}].", base) for i, item in enumerate(value))
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list):
             _fail(src, key, f"expected a list of strings, got {value!r}")
@@ -247,6 +273,13 @@ def _convert(src: str, key: str, value: Any, f: dataclasses.Field[Any], hint: An
     _fail(src, key, "unsupported setting")  # pragma: no cover - schema bug
 
 
+# Keys that existed once: say what replaced them instead of a bare "unknown key".
+_REMOVED = {
+    "tlsrpt.dkim_selector": "removed: report mails are signed with the [[dkim.keys]] keys (see [dkim])",
+    "tlsrpt.dkim_key_file": "removed: report mails are signed with the [[dkim.keys]] keys (see [dkim])",
+}
+
+
 def _build(cls: type, data: dict[str, Any], src: str, prefix: str, base: Path) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("kind") != "internal"}
@@ -254,7 +287,7 @@ def _build(cls: type, data: dict[str, Any], src: str, prefix: str, base: Path) -
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in known:
-            _fail(src, key, "unknown key")
+            _fail(src, key, _REMOVED.get(key, "unknown key"))
         f = known[name]
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
@@ -349,10 +382,53 @@ def _validate(cfg: Config) -> None:
         _fail(src, "log.level", f"{cfg.log.level!r} must be debug, info, warning or error")
     if not 0 <= cfg.tlsrpt.send_hour_utc <= 23:
         _fail(src, "tlsrpt.send_hour_utc", f"{cfg.tlsrpt.send_hour_utc} is not an hour 0-23")
-    if bool(cfg.tlsrpt.dkim_selector) != bool(cfg.tlsrpt.dkim_key_file):
-        _fail(src, "tlsrpt.dkim_key_file", "dkim_selector and dkim_key_file go together")
     if cfg.tlsrpt.enabled and not (cfg.tlsrpt.contact_info and cfg.tlsrpt.report_sender):
         _fail(src, "tlsrpt.contact_info", "contact_info and report_sender are required when enabled")
+    _validate_dkim(cfg)
+
+
+_DKIM_DOMAIN = re.compile(r"^(?=.{1,253}\Z)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                          r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_HEADER_FIELD_NAME = re.compile(r"^[!-9;-~]+\Z")
+
+
+def dkim_key_for(keys: tuple[DkimKeyConfig, ...], domain: str) -> DkimKeyConfig | None:
+    """The key whose domain is `domain` or its closest parent (None: no key covers it)."""
+    domain = domain.lower().rstrip(".")
+    covering = [k for k in keys if domain == k.domain.lower() or domain.endswith("." + k.domain.lower())]
+    return max(covering, key=lambda k: len(k.domain), default=None)
+
+
+def _validate_dkim(cfg: Config) -> None:
+    """Shape of [dkim]; the key files themselves are checked by mta.dkim.keys (check-config, serve)."""
+    src, dk = cfg.source, cfg.dkim
+    for name, items in (("headers", dk.headers), ("oversign", dk.oversign)):
+        for i, item in enumerate(items):
+            if not _HEADER_FIELD_NAME.match(item):
+                _fail(src, f"dkim.{name}[{i}]", f"{item!r} is not a header field name")
+    seen: set[tuple[str, str]] = set()
+    for i, key in enumerate(dk.keys):
+        where = f"dkim.keys[{i}]"
+        if not _DKIM_DOMAIN.match(key.domain):
+            _fail(src, f"{where}.domain", f"{key.domain!r} is not a domain name (A-labels)")
+        if not _DKIM_DOMAIN.match(key.selector):
+            _fail(src, f"{where}.selector", f"{key.selector!r} is not a selector (RFC 6376 §3.1)")
+        if not key.key_file:
+            _fail(src, f"{where}.key_file", "a PEM private key file is required")
+        if key.algorithm not in DKIM_ALGORITHMS:
+            _fail(src, f"{where}.algorithm", f"{key.algorithm!r} must be \"rsa-sha256\" or \"ed25519-sha256\"")
+        if (key.domain.lower(), key.selector.lower()) in seen:
+            _fail(src, f"{where}.selector", f"{key.selector}._domainkey.{key.domain} is configured twice")
+        seen.add((key.domain.lower(), key.selector.lower()))
+    if dk.enabled and not dk.keys:
+        _fail(src, "dkim.keys", "dkim.enabled is true but no [[dkim.keys]] table is configured")
+    if cfg.tlsrpt.enabled:
+        # RFC 8460 §5.3 (RPT-18): a report sent by mail MUST carry a DKIM signature of the reporting
+        # domain; rua=mailto: targets are only known at send time, so demand the key up front.
+        _local, _, reporting = cfg.tlsrpt.contact_info.removeprefix("mailto:").strip("<>").rpartition("@")
+        if reporting and dkim_key_for(dk.keys, reporting) is None:
+            _fail(src, "dkim.keys", f"no key signs for the TLS reporting domain {reporting!r} (tlsrpt.contact_info); "
+                  "RFC 8460 §5.3 requires report mails to be DKIM-signed: add a [[dkim.keys]] table for it")
 
 
 def _validate_cluster(c: ClusterConfig, src: str) -> None:

@@ -98,6 +98,9 @@ class Scheduler:
         now = self.clock()
         for req in reqs:
             op, qid = str(req["op"]), req.get("id")
+            if op == "new":
+                self._schedule_new(qid)
+                continue
             if op == "flush" and self.on_flush is not None:
                 self.on_flush()
             ids = [qid] if qid else list(self._due) if op == "flush" else self.store.ids()
@@ -133,6 +136,19 @@ class Scheduler:
                 self.held.discard(one)
                 if due is not None:
                     self.schedule(one, due)
+
+    def _schedule_new(self, qid: str | None) -> None:
+        """A message `sendmail` stored while we run: schedule it (its state is already right)."""
+        if not isinstance(qid, str) or not qid.isalnum() or qid in self._due or qid in self._inflight:
+            return
+        try:
+            meta = self.store.load_sync(qid)
+        except Exception as exc:  # gone already or unreadable: the start-up scan judges it next time
+            _log.warning("new message %s: %s", qid, exc)
+            return
+        due = meta.next_due()
+        if due is not None and not meta.held:
+            self.schedule(qid, due)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Hand due messages to tasks until `stop` is set; then wait for in-flight work."""

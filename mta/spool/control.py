@@ -1,8 +1,10 @@
-"""Operator requests (flush, delete, hold, release) from the CLI.
+"""Operator requests (flush, delete, hold, release) from the CLI, and `new` from sendmail.
 
 Rule: only one process writes message state. When `mta serve` holds the spool lock, the CLI
 drops a small request file into ctl/ and the server applies it within a poll interval (well
 under a second). When no server runs, the CLI applies the request itself, holding the lock.
+`new` (a message `sendmail` just stored) changes no state: the server only schedules the id;
+with no server running there is nothing to do, the start-up scan finds the message.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from mta.errors import SpoolError
 from mta.spool import state
 from mta.spool.store import SpoolStore
 
-OPS = ("flush", "delete", "hold", "release")
+OPS = ("flush", "delete", "hold", "release", "new")
 
 
 def submit(store: SpoolStore, op: str, qid: str | None) -> None:
@@ -56,6 +58,8 @@ def apply_to_meta(meta: state.MessageMeta, op: str, now: float) -> state.Message
     """The message after `op`; None means delete it."""
     if op == "delete":
         return None
+    if op == "new":
+        return meta
     if op == "hold":
         return replace(meta, held=True)
     if op == "release":
@@ -65,6 +69,8 @@ def apply_to_meta(meta: state.MessageMeta, op: str, now: float) -> state.Message
 
 def apply_offline(store: SpoolStore, op: str, qid: str | None) -> int:
     """Apply a request directly (no server running). Returns the number of messages changed."""
+    if op == "new":
+        return 0
     ids = [qid] if qid else store.ids()
     if qid and not store.meta_path(qid).exists():
         raise SpoolError(f"no such message {qid}")

@@ -186,17 +186,49 @@ class SpoolStore:
         Start-up recovery deletes half-written files; a dying child of a SIGKILLed server could
         otherwise finish a put concurrently and lose its files to the scan.
         """
+        with self.writers_excluded(timeout):
+            pass
+
+    @contextlib.contextmanager
+    def writers_excluded(self, timeout: float = 10.0) -> Iterator[None]:
+        """Hold the writers' lock exclusively: no submission child and no `sendmail` writes meanwhile.
+
+        Start-up recovery runs inside it, so a `sendmail` started while `mta serve` starts waits
+        instead of losing its half-written files to the scan."""
         fd = os.open(self.root / "lock.writers", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             deadline = time.monotonic() + timeout
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return
+                    break
                 except OSError:
                     if time.monotonic() > deadline:
                         raise SpoolError(f"spool {self.root}: an old submission process is still running") from None
                     time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def writing(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold the writers' lock shared for one outside writer (`sendmail`): waits while a starting
+        server recovers the spool; SpoolError after `timeout`."""
+        try:
+            fd = os.open(self.root / "lock.writers", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SpoolError(describe_os_error(exc)) from None
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SpoolError(f"spool {self.root}: busy (a starting server is recovering it)") from None
+                    time.sleep(0.02)
+            yield
         finally:
             os.close(fd)
 
@@ -273,6 +305,10 @@ class SpoolStore:
         `reserve`: refuse (SpoolError "spool disk is full") unless that many bytes would stay free.
         """
         await asyncio.to_thread(self._put_durably, meta, data, reserve)
+
+    def put_sync(self, meta: MessageMeta, data: bytes, *, reserve: int = 0) -> None:
+        """`put`, blocking: for callers already in a worker thread (submission) or without a loop (sendmail)."""
+        self._put_durably(meta, data, reserve)
 
     def _put_durably(self, meta: MessageMeta, data: bytes, reserve: int) -> None:
         """Write, rename and fsync the folder, all in one worker thread (one hop per message)."""

@@ -4,7 +4,7 @@ Rules:
 - Never an open relay: a client may relay only from `relay_networks` or after AUTH; everyone
   else gets 554 5.7.1 at RCPT, whatever tricks the address holds (we have no local domains, so
   the decision never depends on the address).
-- 250 after DATA only once the spool has fsync'ed the message (store.put returns then). A spool
+- 250 after DATA only once the spool has fsync'ed the message (mta.submission.accept). A spool
   that cannot take it answers 452 4.3.1 when the disk is full (or would keep less than
   SUBMISSION_RESERVE free), 451 4.3.0 for any other write failure: temporary, the client retries.
 - As a submission server (RFC 6409 §8) we add Message-ID and Date when missing and always
@@ -29,12 +29,17 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mta import log, metrics
 from mta.config import SubmissionConfig
+from mta.dkim.signer import Signer
 from mta.errors import SpoolError
 from mta.spool.state import MessageMeta
-from mta.spool.store import SUBMISSION_RESERVE, SpoolStore, make_meta
+from mta.spool.store import SpoolStore
+from mta.submission.accept import Acceptor, MessageTooBig, Submission
+from mta.submission.headers import (  # noqa: F401  (re-exported: tests and callers import them from here)
+    add_submission_headers,
+    header_block,
+    normalise_line_ends,
+)
 
-_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
-_HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.M)
 _LABEL_CHAR = r"[A-Za-z0-9\u0080-\U0010ffff]"
 _DOMAIN = re.compile(rf"^(?:\[[^\[\]\s]+\]|{_LABEL_CHAR}(?:[A-Za-z0-9\u0080-\U0010ffff.-]*{_LABEL_CHAR})?)$")
 _SOURCE_ROUTE = re.compile(r"^@[^:]+:")
@@ -73,46 +78,6 @@ def valid_address(address: str) -> bool:
     return bool(_DOMAIN.match(domain)) and ".." not in domain
 
 
-def normalise_line_ends(data: bytes) -> bytes:
-    """Every CRLF, bare CR and bare LF becomes CRLF (SMTP-26)."""
-    return _LINE_ENDS.sub(b"\r\n", data)
-
-
-def header_block(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 2]
-
-
-def _folded(value: str) -> str:
-    """A field value on CRLF-folded lines: every line after the first starts with white space, and
-    empty lines are dropped, so the value can neither start a header of its own nor end the header
-    section (a HELO name like `x\\rBcc: y` stays inside Received:)."""
-    lines = re.split(r"\r\n|\r|\n", value)
-    out = [lines[0]] + [ln if ln[:1] in (" ", "\t") else "\t" + ln for ln in lines[1:] if ln.strip()]
-    return "\r\n".join(out)
-
-
-def _field_bytes(text: str) -> bytes:
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate surrogateescape cannot map back to a byte
-        return text.encode("utf-8", "replace")
-
-
-def add_submission_headers(data: bytes, *, received: str, hostname: str, now: float) -> bytes:
-    """Prepend Received:, add Message-ID and Date when the client left them out (RFC 6409 §8)."""
-    names = {m.group(1).lower() for m in _HEADER_NAME.finditer(header_block(data))}
-    extra = [f"Received: {_folded(received)}"]
-    if b"message-id" not in names:
-        extra.append(f"Message-ID: {email.utils.make_msgid(domain=hostname)}")
-    if b"date" not in names:
-        extra.append(f"Date: {email.utils.formatdate(now)}")
-    if not data.startswith(b"\r\n") and not _HEADER_NAME.match(data):
-        # No header section at all: keep the body a body.
-        data = b"\r\n" + data
-    return _field_bytes("\r\n".join(extra)) + b"\r\n" + data
-
-
 _DUMMY: list[str] = []
 
 
@@ -135,11 +100,14 @@ class SubmissionHandler:
         store: SpoolStore,
         on_accept: Callable[[MessageMeta], None],
         users: dict[str, str] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.cfg = cfg
         self.hostname = hostname
         self.store = store
         self.on_accept = on_accept
+        # The one acceptance path, shared with sendmail (headers, DKIM, durable write).
+        self.acceptor = Acceptor(store, hostname, cfg.max_message_size, signer)
         self.users = users or {}
         self.networks = cfg.networks
 
@@ -203,29 +171,20 @@ class SubmissionHandler:
         for_part = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
         received = (f"from {helo} ([{peer}])\r\n\tby {self.hostname} (mta) with {proto}{for_part};"
                     f"\r\n\t{email.utils.formatdate(now)}")
-        data = add_submission_headers(normalise_line_ends(raw), received=received, hostname=self.hostname, now=now)
-        if len(data) > self.cfg.max_message_size:
-            return "552 5.3.4 Message too big"
         options = {o.upper() for o in envelope.mail_options}
-        meta = make_meta(
-            sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
-            recipients=list(envelope.rcpt_tos),
-            data=data,
-            now=now,
-            client=f"{helo} [{peer}]",
-            eight_bit=not data.isascii(),
-            smtputf8="SMTPUTF8" in options,
-        )
+        sub = Submission(sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
+                         recipients=tuple(envelope.rcpt_tos), raw=raw, received=received,
+                         client=f"{helo} [{peer}]", smtputf8="SMTPUTF8" in options)
         try:
-            # The reserve keeps room for the state and DSNs of mail already accepted (README "Spool").
-            await self.store.put(meta, data, reserve=SUBMISSION_RESERVE)
+            meta = await self.acceptor.accept(sub, now)
+        except MessageTooBig:
+            return "552 5.3.4 Message too big"
         except SpoolError as exc:
-            log.event("refused", sender=meta.sender, client=peer, reason=str(exc))
+            log.event("refused", sender=sub.sender, client=peer, reason=str(exc))
             if "full" in str(exc):
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Temporary local problem, try again later"
-        log.event("accepted", queue_id=meta.id, **{"from": meta.sender}, nrcpt=len(meta.recipients),
-                  size=meta.size, client=meta.client)
+        # `accepted` is logged by the acceptor (the same line for SMTP and sendmail).
         metrics.message_received(getattr(server, "listener", "smtp"))
         self.on_accept(meta)
         return f"250 2.0.0 Ok: queued as {meta.id}"

@@ -25,6 +25,7 @@ from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from mta import metrics
 from mta.config import Config, SubmissionConfig, parse_hostport
+from mta.dkim.signer import Signer
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.auth import load_users
@@ -210,7 +211,8 @@ def listener_name(implicit_tls: bool, port: int) -> str:
 def build_listeners(cfg: Config, store: SpoolStore, on_accept: Callable[[MessageMeta], None]) -> Listeners:
     """The submission listeners of `cfg`, spooling into `store` and reporting each accepted message."""
     users = load_users(cfg.submission.users_file) if cfg.submission.users_file else {}
-    handler = SubmissionHandler(cfg.submission, cfg.hostname, store, on_accept, users)
+    signer = Signer.from_config(cfg) if cfg.dkim.enabled else None
+    handler = SubmissionHandler(cfg.submission, cfg.hostname, store, on_accept, users, signer)
     return Listeners(cfg.submission, cfg.hostname, handler)
 
 
@@ -226,8 +228,12 @@ class Listeners:
         self.tls_context = server_tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         self.servers: list[asyncio.Server] = []
 
-    def _factory(self, implicit_tls: bool, name: str) -> SMTP:
-        return RelaySMTP(
+    def protocol(self, cls: type[RelaySMTP] | None = None) -> SMTP:
+        """One plain SMTP protocol object with this listener's limits (`sendmail -bs` runs one on stdio)."""
+        return self._factory(False, "sendmail", cls)
+
+    def _factory(self, implicit_tls: bool, name: str, cls: type[RelaySMTP] | None = None) -> SMTP:
+        return (cls or RelaySMTP)(
             self.handler,
             self.limits,
             name,

@@ -43,6 +43,7 @@ import certifi
 
 from mta import log, metrics
 from mta.config import Config, TlsRptConfig
+from mta.dkim.signer import Signer
 from mta.errors import ConfigError, DnsError, MtaError, SpoolError
 from mta.net.dns import AiohttpResolver, Resolver, to_ascii
 from mta.spool.state import MessageMeta
@@ -178,6 +179,8 @@ class ReportSender:
         self.https_timeout = https_timeout
         self.clock = clock
         self.rng = rng or random.Random()
+        # Report mails are signed with the general [dkim] keys (RPT-18), whatever dkim.enabled says.
+        self.signer = Signer.from_config(cfg)
 
     def _session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(resolver=AiohttpResolver(self.resolver),
@@ -325,10 +328,11 @@ class ReportSender:
                 submitter=report.submitter, report_id=report.report_id, from_addr=from_addr, to_addr=address,
                 now=datetime.datetime.fromtimestamp(now, datetime.UTC),
                 message_id=f"tlsrpt.{report.unique_id}.{n}@{report.submitter}")
-            if tls.dkim_selector:
-                from mta.tlsrpt.dkim_sign import DkimSigner
-
-                data = DkimSigner(tls.dkim_selector, tls.dkim_key_file, report.submitter).sign(data)
+            # RFC 8460 §5.3 (RPT-18): MUST carry a DKIM signature of the reporting domain.
+            signed = await asyncio.to_thread(self.signer.sign_report, data, report.submitter, now)
+            if signed.note.startswith("unsigned"):
+                raise ConfigError(f"no DKIM key for the reporting domain {report.submitter} ([[dkim.keys]])")
+            data = signed.data
             # A real envelope sender (RPT-23): bounces of report mails reach the operator.
             meta = make_meta(sender=tls.report_sender, recipients=[address], data=data, now=now, kind="report")
             await self.store.put(meta, data)

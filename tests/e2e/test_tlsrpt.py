@@ -68,8 +68,9 @@ def test_rpt_day_of_mixed_outcomes_reported_once_by_mail(world: World) -> None:
     key_file, key_record = dkim_key(world)
     data = world.config(tlsrpt={"enabled": True, "organization_name": "Test Org",
                                 "contact_info": "tlsrpt@relay.test", "report_sender": "reports@relay.test",
-                                "db_path": str(world.tmp / "queue" / "tlsrpt.db"),
-                                "dkim_selector": "rpt", "dkim_key_file": key_file})
+                                "db_path": str(world.tmp / "queue" / "tlsrpt.db")},
+                        # RPT-18: report mails are signed with the general [dkim] keys
+                        dkim={"keys": [{"domain": "relay.test", "selector": "rpt", "key_file": key_file}]})
     relay = world.relay(data)
     for domain in CASES:
         world.submit(relay, [f"bob@{domain}"])

@@ -7,6 +7,7 @@ import datetime
 import json
 from typing import Any
 
+from tests.support.dkim import make_key
 from tests.support.relay import RelayProcess, run_cli
 from tests.support.world import World
 
@@ -35,9 +36,10 @@ def test_rpt_13_rpt_19_refusals_unreported_and_report_mail_delivered_despite_enf
     world.sts("dead.test", "enforce", ["mx.dead.test"])
     for domain in ("ok.test", "dead.test"):
         world.zone.add(f"_smtp._tls.{domain}", "TXT", f'"v=TLSRPTv1; rua=mailto:{RUA}"')
+    key = make_key(world.tmp / "keys", "relay.test", "rpt")  # RPT-18: report mails are DKIM-signed
     relay = world.relay(world.config(tlsrpt={
         "enabled": True, "contact_info": "tlsrpt@relay.test", "report_sender": "reports@relay.test",
-        "db_path": str(world.tmp / "queue" / "tlsrpt.db")}))
+        "db_path": str(world.tmp / "queue" / "tlsrpt.db")}, dkim={"keys": [key.config()]}))
     delivered = world.submit(relay, ["a@ok.test"])
     deferred = world.submit(relay, ["b@dead.test"])
     relay.wait_event("delivered", queue_id=delivered)

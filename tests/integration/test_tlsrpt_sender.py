@@ -32,6 +32,7 @@ from mta.spool.store import SpoolStore
 from mta.sts.policy import Policy
 from mta.tlsrpt.sender import ReportSender, retry_loop, run_daily, send_time
 from mta.tlsrpt.store import ResultStore
+from tests.support.dkim import make_key, verify_all
 from tests.support.fake_dns import FakeDns, Zone
 from tests.support.pki import TestPki
 from tests.support.relay import base_config, deep_merge, run_cli, write_config
@@ -56,7 +57,11 @@ def pki(tmp_path: Path) -> TestPki:
 
 
 def tlsrpt_settings(tmp_path: Path, dns_server: FakeDns, pki: TestPki) -> dict[str, Any]:
+    # RPT-18: report mails are signed with the general [dkim] keys; one for the reporting domain.
+    key = make_key(tmp_path / "keys", "sender.test", "rpt")
+    key.publish(dns_server.zone)
     return {
+        "dkim": {"keys": [key.config()]},
         "dns": {"nameservers": [dns_server.host], "port": dns_server.port, "timeout": "1s"},
         "tls": {"ca_file": str(pki.ca_file)},
         "tlsrpt": {"enabled": True, "organization_name": "Relay Org", "contact_info": "tlsrpt@sender.test",
@@ -310,6 +315,10 @@ async def test_rpt_1_18_23_mailto_report_is_queued_in_the_spool(cfg: Config, spo
     assert meta.kind == "report"
     raw = spool.read_data_sync(qid)
     assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    # RPT-18: signed by the reporting domain with the [dkim] key, TLS-Report-* covered, no l=.
+    assert raw.startswith(b"DKIM-Signature:") and verify_all(raw, dns_server) == [True]
+    signature = raw.split(b"\r\n\r\n", 1)[0].decode().lower()
+    assert "d=sender.test" in signature and "tls-report-domain" in signature and " l=" not in signature
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(msg, EmailMessage)
     assert msg["To"] == "tls-reports@report.test"

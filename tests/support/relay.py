@@ -40,12 +40,19 @@ def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
     def key(k: str) -> str:
         return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
 
-    lines = [f"{key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    def tables(v: Any) -> bool:  # a list of tables: [[name]] sections
+        return isinstance(v, list) and bool(v) and all(isinstance(item, dict) for item in v)
+
+    lines = [f"{key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and not tables(v)]
     for k, v in data.items():
+        name = f"{prefix}{k}" if not any(c in k for c in ".:") else f'{prefix}"{k}"'
         if isinstance(v, dict):
-            name = f"{prefix}{k}" if not any(c in k for c in ".:") else f'{prefix}"{k}"'
             lines.append(f"\n[{name}]")
             lines.append(dump_toml(v, f"{name}."))
+        elif tables(v):
+            for item in v:
+                lines.append(f"\n[[{name}]]")
+                lines.append(dump_toml(item, f"{name}."))
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiosmtplib
 
+from tests.support.dkim import make_key
 from tests.support.fake_mx import FakeMx
 from tests.support.powercut import LazyFs, kill_all
 from tests.support.relay import RelayProcess, listen_address, run_cli
@@ -99,7 +100,9 @@ def run_soak(tmp: Path, rounds: int, *, seed: int = 1, clients: int = 8, round_s
             extra.update(queue={"path": str(queue)},
                          mta_sts={"cache_path": str(queue / "sts-cache.db")},
                          tlsrpt={"enabled": True, "db_path": str(queue / "tlsrpt.db"), "record_all_sessions": True,
-                                 "contact_info": "mailto:tlsrpt@src.test", "report_sender": "tlsrpt@src.test"})
+                                 "contact_info": "mailto:tlsrpt@src.test", "report_sender": "tlsrpt@src.test"},
+                         # RPT-18: report mails need a DKIM key of the reporting domain
+                         dkim={"keys": [make_key(tmp / "keys", "src.test", "rpt").config()]})
         data = world.config(**extra)
         host, port = listen_address(data)
         acked: dict[str, str] = {}

@@ -100,3 +100,35 @@ def test_defaults_are_loopback_only() -> None:
     cfg = config.from_dict({})
     assert cfg.submission.relay_networks == ("127.0.0.0/8", "::1/128")
     assert cfg.submission.allow_insecure_auth is False
+
+
+_TLSRPT_ON = '[tlsrpt]\nenabled = true\ncontact_info = "tlsrpt@reports.example.org"\nreport_sender = "r@example.org"\n'
+_KEY = '[[dkim.keys]]\ndomain = "{domain}"\nselector = "s1"\nkey_file = "k.pem"\n'
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # RPT-18 (RFC 8460 §5.3, issue 10 item 13): report mails must be signed by the reporting domain.
+    (_TLSRPT_ON, "config.toml: dkim.keys: no key signs for the TLS reporting domain 'reports.example.org' (tlsrpt.contact_info); RFC 8460 §5.3 requires report mails to be DKIM-signed: add a [[dkim.keys]] table for it"),
+    (_TLSRPT_ON + _KEY.format(domain="other.org"), "config.toml: dkim.keys: no key signs for the TLS reporting domain 'reports.example.org' (tlsrpt.contact_info); RFC 8460 §5.3 requires report mails to be DKIM-signed: add a [[dkim.keys]] table for it"),
+    ('[tlsrpt]\ndkim_selector = "rpt"', "config.toml: tlsrpt.dkim_selector: removed: report mails are signed with the [[dkim.keys]] keys (see [dkim])"),
+    ('[tlsrpt]\ndkim_key_file = "k.pem"', "config.toml: tlsrpt.dkim_key_file: removed: report mails are signed with the [[dkim.keys]] keys (see [dkim])"),
+    ("[dkim]\nenabled = true", "config.toml: dkim.keys: dkim.enabled is true but no [[dkim.keys]] table is configured"),
+    ('[dkim]\nkeys = "x"', "config.toml: dkim.keys: expected an array of tables"),
+    (_KEY.format(domain="exa mple.org"), "config.toml: dkim.keys[0].domain: 'exa mple.org' is not a domain name (A-labels)"),
+    (_KEY.format(domain="example.org") + 'algorithm = "rsa-sha1"', 'config.toml: dkim.keys[0].algorithm: \'rsa-sha1\' must be "rsa-sha256" or "ed25519-sha256"'),
+    (_KEY.format(domain="example.org") + "colour = 1", "config.toml: dkim.keys[0].colour: unknown key"),
+    (_KEY.format(domain="example.org") * 2, "config.toml: dkim.keys[1].selector: s1._domainkey.example.org is configured twice"),
+    ('[[dkim.keys]]\ndomain = "example.org"\nselector = "s1"', "config.toml: dkim.keys[0].key_file: a PEM private key file is required"),
+    ('[dkim]\nheaders = ["From", "Bad Name"]', "config.toml: dkim.headers[1]: 'Bad Name' is not a header field name"),
+])
+def test_issue10_item13_rpt_18_dkim_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_text(tmp_path, text)
+    assert str(exc.value).replace(str(tmp_path / "config.toml"), "config.toml") == message
+
+
+def test_rpt_18_tlsrpt_accepted_with_a_key_of_the_reporting_domain_or_a_parent(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, _TLSRPT_ON + _KEY.format(domain="example.org"))
+    assert [(k.domain, k.selector, k.key_file, k.algorithm) for k in cfg.dkim.keys] == [
+        ("example.org", "s1", str(tmp_path / "k.pem"), "rsa-sha256")]
+    assert cfg.dkim.enabled is False and cfg.dkim.oversign == ("From", "Subject", "Date", "To", "Cc")

@@ -1,0 +1,89 @@
+"""Accepting a message: the one path from "a client handed us these bytes" to "it is durable".
+
+Used by the SMTP handler and by `sendmail`, so both give the same guarantees (README "sendmail"):
+1. line ends become CRLF (SMTP-26) and the submission header fields are added (Received:, and
+   Message-ID:/Date: when missing; RFC 6409 §8);
+2. the size limit applies to the result;
+3. the message is DKIM-signed when its From: domain has a key (DKIM-7: after every header we
+   add, before the spool write, so every retry sends the same signed bytes);
+4. the spool write returns only after the fsync (then the caller may say 250 / exit 0).
+Steps 3 and 4 run in one worker thread (signing is CPU, the write blocks on the disk): the event
+loop never waits on either, and a message costs a single thread hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from mta import log
+from mta.dkim.signer import Signer
+from mta.errors import MtaError
+from mta.spool.state import MessageMeta
+from mta.spool.store import SUBMISSION_RESERVE, SpoolStore, make_meta
+from mta.submission.headers import add_submission_headers, normalise_line_ends
+
+_log = logging.getLogger("mta.submission")
+
+
+class MessageTooBig(MtaError):
+    """The message with our header fields exceeds submission.max_message_size."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    sender: str  # "" = null reverse-path
+    recipients: tuple[str, ...]
+    raw: bytes  # as the client sent it (any line ends)
+    received: str  # value of our Received: field
+    client: str  # for the log and the envelope ("helo [ip]" or "local user 1000")
+    smtputf8: bool = False
+
+
+class Acceptor:
+    """Turns a Submission into a durable spool entry (see the module rule)."""
+
+    def __init__(self, store: SpoolStore, hostname: str, max_message_size: int, signer: Signer | None = None) -> None:
+        self.store = store
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+        self.signer = signer
+
+    def prepare(self, sub: Submission, now: float) -> bytes:
+        """Steps 1 and 2: the message as it will be signed and stored; MessageTooBig."""
+        data = add_submission_headers(normalise_line_ends(sub.raw), received=sub.received, hostname=self.hostname,
+                                      now=now)
+        if len(data) > self.max_message_size:
+            raise MessageTooBig("message too big")
+        return data
+
+    def store_sync(self, sub: Submission, data: bytes, now: float) -> MessageMeta:
+        """Steps 3 and 4, blocking: sign, write durably, log `accepted`. Raises SpoolError."""
+        note = ""
+        if self.signer is not None:
+            try:
+                signed = self.signer.sign_submission(data, now)
+                data, note = signed.data, signed.note
+            except Exception as exc:  # a signing bug must never stop mail: it goes out unsigned, logged
+                _log.exception("dkim: signing failed; the message goes out unsigned")
+                note = f"unsigned: signing failed ({type(exc).__name__})"
+        meta = make_meta(sender=sub.sender, recipients=list(sub.recipients), data=data, now=now, client=sub.client,
+                         eight_bit=not data.isascii(), smtputf8=sub.smtputf8)
+        # The reserve keeps room for the state and DSNs of mail already accepted (README "Spool").
+        self.store.put_sync(meta, data, reserve=SUBMISSION_RESERVE)
+        log.event("accepted", queue_id=meta.id, **{"from": meta.sender}, nrcpt=len(meta.recipients),
+                  size=meta.size, client=meta.client, dkim=note or None)
+        return meta
+
+    def accept_sync(self, sub: Submission, now: float | None = None) -> MessageMeta:
+        """The whole path, blocking (sendmail)."""
+        now = time.time() if now is None else now
+        return self.store_sync(sub, self.prepare(sub, now), now)
+
+    async def accept(self, sub: Submission, now: float | None = None) -> MessageMeta:
+        """The whole path; signing and the durable write run in a worker thread (SMTP handler)."""
+        now = time.time() if now is None else now
+        data = self.prepare(sub, now)
+        return await asyncio.to_thread(self.store_sync, sub, data, now)
