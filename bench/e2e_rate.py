@@ -109,8 +109,10 @@ def compare(args: argparse.Namespace) -> int:
                             "queue": {"path": str(spool)}, "mta_sts": {"cache_path": str(spool / "sts.db")},
                             "log": {"format": "json", "level": "warning"}}
                         if args.tlsrpt:
+                            key = make_key(tmp / "keys", "relay.test", "rpt")  # report mails are signed (RPT-18)
                             extra["tlsrpt"] = {"enabled": True, "contact_info": "t@relay.test",
                                                "report_sender": "r@relay.test", "db_path": str(spool / "rpt.db")}
+                            extra["dkim"] = {"keys": [key.config()]}
                         if kind == "postgresql":
                             extra["cluster"] = {"database": pg.create_database(), "node_name": f"bench{r}"}
                         relay = world.relay(deep_merge(world.config(), extra), name=f"{kind}{r}.toml")

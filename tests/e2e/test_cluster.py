@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.support.dkim import make_key
 from tests.support.postgres import PostgresServer
 from tests.support.relay import RelayProcess, deep_merge, free_port, listen_address, run_cli, wait_port, write_config
 from tests.support.world import World
@@ -32,8 +33,9 @@ TLSRPT = {"enabled": True, "organization_name": "Test Org", "contact_info": "tls
 def node(world: World, url: str, name: str, extra: dict[str, Any] | None = None, wait: bool = True) -> RelayProcess:
     """A relay with its own spool (what stays per node) on the shared database `url`."""
     spool = world.tmp / name / "queue"
+    key = make_key(world.tmp / "keys", "relay.test", "rpt")  # report mails are DKIM-signed (RPT-18)
     data = world.config(queue={"path": str(spool)}, mta_sts={"cache_path": str(spool / "sts-cache.db")},
-                        tlsrpt={**TLSRPT, "db_path": str(spool / "tlsrpt.db")},
+                        tlsrpt={**TLSRPT, "db_path": str(spool / "tlsrpt.db")}, dkim={"keys": [key.config()]},
                         cluster={"database": url, "node_name": name, "heartbeat_interval": "1s"})
     data = deep_merge(data, extra or {})
     relay = RelayProcess(write_config(world.tmp, data, f"{name}.toml"), data).start(wait=False)
