@@ -20,7 +20,7 @@ from mta import log, metrics, runtime
 from mta.config import Config, parse_hostport
 from mta.delivery.attempt import AttemptContext
 from mta.delivery.pool import ConnectionPool
-from mta.delivery.smtp_client import Timeouts
+from mta.delivery.smtp_client import BindAddresses, Timeouts
 from mta.delivery.unreachable import UnreachableHosts
 from mta.delivery.worker import Worker
 from mta.errors import SpoolError
@@ -77,8 +77,8 @@ def build_sts(cfg: Config, resolver: Resolver, cluster: ClusterDb | None = None)
         else:
             from mta.sts.policy import parse_policy
 
-            text = value if value.startswith("version:") else f"version: STSv1\nmode: {value}\nmax_age: 86400\n"
-            overrides[domain.lower()] = parse_policy(text.encode())
+            # config.py accepts only "none" or a whole policy text (issue 10 item 9 decision).
+            overrides[domain.lower()] = parse_policy(value.encode("utf-8", "surrogateescape"))
     return StsService(resolver=resolver, cache=build_policy_store(cfg, cluster), https_port=cfg.mta_sts.https_port,
                       ca_file=cfg.tls.ca_file or None, fetch_timeout=cfg.mta_sts.fetch_timeout,
                       draft03_compat=cfg.mta_sts.draft03_compat, overrides=overrides)  # type: ignore[arg-type]
@@ -130,6 +130,7 @@ class Relay:
             sts=self.sts, recorder=metrics.CountingRecorder(self.recorder),
             relayhost=parse_hostport(cfg.delivery.relayhost) if cfg.delivery.relayhost else None,
             relayhost_tls=cfg.delivery.relayhost_tls, relayhost_auth=relay_auth, rng=random.Random(),
+            bind=BindAddresses(cfg.delivery.bind_address, cfg.delivery.bind_address6),
             unreachable=unreachable,
         )
         self.worker = Worker(self.store, self.ctx, cfg.delivery, on_new_message=self.on_new_message)
@@ -156,7 +157,9 @@ class Relay:
                                  record_all_sessions=self.cfg.tlsrpt.record_all_sessions)
         from mta.tlsrpt.store import ResultStore
 
-        return ResultStore(self.cfg.tlsrpt.db_path, sending_ip="127.0.0.1",
+        # Each session records its own local address (getsockname, issue 10 item 11); this default
+        # only serves records without a connection (discovery failures, MX outside the policy).
+        return ResultStore(self.cfg.tlsrpt.db_path, sending_ip=self.cfg.delivery.bind_address or None,
                            record_all_sessions=self.cfg.tlsrpt.record_all_sessions)
 
     def on_new_message(self, meta: MessageMeta) -> None:
@@ -314,10 +317,12 @@ async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, 
         # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
         SpoolStore(cfg.queue.path).prepare()
     relay = Relay(cfg, store)
-    await relay.start(child, resumed, resume_seconds)
+    # Handlers before start: the listener (child) accepts before "started" is logged, and a
+    # SIGTERM in between must still mean a clean stop (exit 0), not death by signal.
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await relay.start(child, resumed, resume_seconds)
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(relay.child_gone.wait())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:

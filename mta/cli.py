@@ -78,10 +78,15 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from mta import preflight
     from mta.app import resume, serve
     from mta.dkim.signer import Signer
 
+    preflight.check(cfg)  # the same checks as check-config, before anything starts (issue 10 item 9)
+    for warning in config_mod.warnings(cfg):
+        log.event("config-warning", reason=warning)
     Signer.from_config(cfg)  # a key that cannot sign stops us here, before any fork (as check-config)
+
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None
     resumed: list[tuple[str, float | None]] | None = None
@@ -106,9 +111,11 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from mta.dkim.keys import load_keys
+    from mta import preflight
 
-    load_keys(cfg.dkim, cfg.source)  # unreadable, wrong-type or too short DKIM keys (DKIM-3)
+    preflight.check(cfg)
+    for warning in config_mod.warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     applied = config_mod.env_applied(os.environ)
     print(f"{cfg.source}: ok" + (f" (overridden by {', '.join(applied)})" if applied else ""))
     return 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mta.errors import ConfigError
+from mta.errors import ConfigError, MtaError
 
 # ASCII digits only (`\d` would also take "٣٠s"), and \Z rather than $ (which allows a final "\n").
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)\Z")
@@ -67,7 +67,10 @@ class SubmissionConfig:
     max_message_size: int = field(default=25_000_000, metadata=_meta("size"))
     max_recipients: int = 1000
     max_connections: int = 200
+    max_connections_per_client: int = 50  # issue 10 item 14: one address cannot take every slot
     idle_timeout: float = field(default=300.0, metadata=_meta("duration"))
+    # Above 80% of max_connections idle clients get this shorter timeout (Postfix's stress mode).
+    stress_idle_timeout: float = field(default=10.0, metadata=_meta("duration"))
     tls_cert: str = field(default="", metadata=_meta("path"))
     tls_key: str = field(default="", metadata=_meta("path"))
     users_file: str = field(default="", metadata=_meta("path"))
@@ -107,6 +110,8 @@ class DeliveryConfig:
     relayhost_tls: str = "verify"
     relayhost_username: str = ""
     relayhost_password_file: str = field(default="", metadata=_meta("path"))
+    bind_address: str = ""  # local IPv4 address of outgoing SMTP connections; "" = the kernel's choice
+    bind_address6: str = ""  # the same for IPv6
 
 
 @dataclass(frozen=True)
@@ -332,6 +337,7 @@ def _validate(cfg: Config) -> None:
         _fail(src, "submission.implicit_tls_listen", "needs tls_cert and tls_key")
     for key, value in (("submission.max_recipients", sub.max_recipients),
                        ("submission.max_connections", sub.max_connections),
+                       ("submission.max_connections_per_client", sub.max_connections_per_client),
                        ("delivery.concurrency", cfg.delivery.concurrency),
                        ("delivery.per_domain_concurrency", cfg.delivery.per_domain_concurrency)):
         if value < 1:
@@ -339,6 +345,8 @@ def _validate(cfg: Config) -> None:
     if sub.idle_timeout <= 0:
         # aiosmtpd would close every connection at once (a zero timer fires immediately).
         _fail(src, "submission.idle_timeout", "must be more than 0s")
+    if sub.stress_idle_timeout <= 0:
+        _fail(src, "submission.stress_idle_timeout", "must be more than 0s")
     if sub.max_message_size < 1024:
         _fail(src, "submission.max_message_size", "must be at least 1KB")
     for key, port in (("delivery.smtp_port", cfg.delivery.smtp_port), ("dns.port", cfg.dns.port),
@@ -362,9 +370,15 @@ def _validate(cfg: Config) -> None:
         _fail(src, "delivery.relayhost_tls", f"{d.relayhost_tls!r} must be \"verify\" or \"may\"")
     if bool(d.relayhost_username) != bool(d.relayhost_password_file):
         _fail(src, "delivery.relayhost_password_file", "relayhost_username and password file go together")
+    for key, value, version in (("delivery.bind_address", d.bind_address, 4),
+                                ("delivery.bind_address6", d.bind_address6, 6)):
+        try:
+            if value and ipaddress.ip_address(value).version != version:
+                raise ValueError
+        except ValueError:
+            _fail(src, key, f"{value!r} is not an IPv{version} address")
     for name, mode in cfg.mta_sts.overrides.items():
-        if mode not in ("none", "testing", "enforce") and not mode.startswith("version: STSv1"):
-            _fail(src, f"mta_sts.overrides.{name}", f"{mode!r} must be none, testing, enforce or a policy text")
+        _check_override(src, f"mta_sts.overrides.{name}", mode)
     _validate_cluster(cfg.cluster, src)
     if cfg.http.listen:
         try:
@@ -439,6 +453,43 @@ def _validate_cluster(c: ClusterConfig, src: str) -> None:
         _fail(src, "cluster.node_name", f"{c.node_name!r} is not a node name (letters, digits, . _ -; up to 64)")
     if c.heartbeat_interval < 0.1:
         _fail(src, "cluster.heartbeat_interval", "must be at least 100ms")
+
+
+def _check_override(src: str, key: str, value: str) -> None:
+    """Issue 10 item 9 decision: an override is "none" or a complete policy text.
+
+    A bare "testing"/"enforce" names no `mx` patterns, so it cannot be a policy (RFC 8461 §3.2
+    needs at least one for those modes); rather than guess (the published policy with another
+    mode would depend on the very discovery an override exists to replace), it is refused here,
+    so check-config and serve agree.
+    """
+    from mta.sts.policy import parse_policy  # pure (no I/O): imported late to keep config at the bottom
+
+    if value == "none":
+        return
+    if value in ("testing", "enforce"):
+        _fail(src, key, f"{value!r} needs mx patterns: write the whole policy, e.g. "
+                        f"\"version: STSv1\\nmode: {value}\\nmx: mx.example.org\\nmax_age: 86400\\n\"")
+    if not value.startswith("version: STSv1"):
+        _fail(src, key, f"{value!r} must be none or a policy text (starting with \"version: STSv1\")")
+    try:
+        parse_policy(value.encode("utf-8", "surrogateescape"))
+    except MtaError as exc:
+        _fail(src, key, f"invalid policy: {exc}")
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Accepted but risky settings: check-config prints them, serve logs them at start."""
+    out = []
+    d = cfg.delivery
+    if d.relayhost and d.relayhost_username and d.relayhost_tls == "may":
+        # Issue 10 item 6 decision: a warning, not an error - credentials still never travel
+        # in plaintext (the session defers instead), but an unverified certificate lets an
+        # active attacker pose as the smart host and collect them.
+        out.append(f"{cfg.source}: delivery.relayhost_tls: \"may\" with relayhost_username sends the "
+                   "password to any host that answers with TLS (certificate not verified); plaintext "
+                   "sessions defer instead; use \"verify\"")
+    return out
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DOC = Path("docs/conformance.md")
 STATUSES = ("implemented", "not implemented", "not applicable")
@@ -151,6 +152,23 @@ def check(text: str, refs: Sequence[CaseRef]) -> list[str]:
     return problems
 
 
+def refs_from_items(items: Iterable[Any], known: frozenset[str]) -> list[CaseRef]:
+    """Collected pytest items folded per test function, with the ids each one names."""
+    prefixes = prefixes_of(known)
+    folded: dict[str, tuple[set[str], set[str]]] = {}
+    for item in items:
+        func = getattr(item, "originalname", item.name)
+        location = f"{Path(str(item.path)).stem}::{func}"
+        markers, texts = folded.setdefault(location, (set(), set()))
+        for mark in item.iter_markers("req"):
+            markers.update(str(a) for a in mark.args)
+        texts |= ids_in_name(func, prefixes, known)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            texts |= ids_in_text(callspec.id, prefixes)
+    return [CaseRef(loc, frozenset(m), frozenset(t)) for loc, (m, t) in sorted(folded.items())]
+
+
 def collect(known: frozenset[str], test_paths: Sequence[str] = ("tests",)) -> list[CaseRef]:
     """Collect (not run) the suite with pytest and fold parametrized cases per function."""
     import pytest
@@ -162,25 +180,13 @@ def collect(known: frozenset[str], test_paths: Sequence[str] = ("tests",)) -> li
         def pytest_collection_finish(self, session: pytest.Session) -> None:
             self.items = list(session.items)
 
-    prefixes = prefixes_of(known)
     collector = Collector()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *test_paths], plugins=[collector])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         raise SystemExit(f"{out.getvalue()}\ntest collection failed ({code})")
-    folded: dict[str, tuple[set[str], set[str]]] = {}
-    for item in collector.items:
-        func = getattr(item, "originalname", item.name)
-        location = f"{Path(str(item.path)).stem}::{func}"
-        markers, texts = folded.setdefault(location, (set(), set()))
-        for mark in item.iter_markers("req"):
-            markers.update(str(a) for a in mark.args)
-        texts |= ids_in_name(func, prefixes, known)
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None:
-            texts |= ids_in_text(callspec.id, prefixes)
-    return [CaseRef(loc, frozenset(m), frozenset(t)) for loc, (m, t) in sorted(folded.items())]
+    return refs_from_items(collector.items, known)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

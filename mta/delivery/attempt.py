@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from mta import log, metrics
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
-from mta.delivery.smtp_client import SmtpSession, Timeouts, TlsMode, TlsRequiredError
+from mta.delivery.smtp_client import BindAddresses, SmtpSession, Timeouts, TlsMode, TlsRequiredError
 from mta.delivery.unreachable import UnreachableHosts
 from mta.errors import (
     DeliveryError,
@@ -46,7 +46,8 @@ class SessionRecorder(Protocol):
     """Receives one call per delivery session for TLS reporting (RFC 8460)."""
 
     def record(self, *, policy_domain: str, policy: Policy | None, success: bool, result_type: str | None,
-               mx_host: str | None, receiving_ip: str | None, reason: str = "") -> None: ...
+               mx_host: str | None, receiving_ip: str | None, reason: str = "",
+               sending_ip: str | None = None) -> None: ...
 
 
 class NullRecorder:
@@ -71,6 +72,7 @@ class AttemptContext:
     relayhost_tls: str = "verify"
     relayhost_auth: tuple[str, str] | None = None
     rng: random.Random = field(default_factory=random.Random)
+    bind: BindAddresses = field(default_factory=BindAddresses)  # delivery.bind_address(6)
     unreachable: UnreachableHosts | None = None  # SMTP-37: shared by every attempt of the process
     clock: Callable[[], float] = time.monotonic
 
@@ -226,7 +228,7 @@ async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: T
     if session is not None:
         return session
     session = await SmtpSession.open(address=address, port=port, mx_host=host, helo_name=ctx.hostname,
-                                     tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts)
+                                     tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts, bind=ctx.bind)
     metrics.tls_session(session.tls.version if session.tls else None, bool(session.tls and session.tls.verified))
     if ctx.relayhost_auth:
         await session.login(*ctx.relayhost_auth)
@@ -250,7 +252,8 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
     except TlsRequiredError as exc:
         att.policy_errors.append(f"{relay}: {exc.reply.text}")
         ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=False,
-                            result_type=exc.result_type, mx_host=host, receiving_ip=address, reason=exc.reply.text)
+                            result_type=exc.result_type, mx_host=host, receiving_ip=address, reason=exc.reply.text,
+                            sending_ip=exc.local_address)
         return "next-host"
     except DeliveryError as exc:
         att.errors.append(f"{relay}: {exc.reply}")
@@ -268,7 +271,8 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
         result_type, reason = att.discovery_failure.result_type, str(att.discovery_failure)
     # One record per session; sessions without a policy are kept only with record_all_sessions.
     ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=result_type is None,
-                        result_type=result_type, mx_host=host, receiving_ip=address, reason=reason)
+                        result_type=result_type, mx_host=host, receiving_ip=address, reason=reason,
+                        sending_ip=session.local_address)
     if not verdict.ok:
         await ctx.pool.discard(session)
         att.policy_errors.append(f"{relay}: {verdict.reason}")

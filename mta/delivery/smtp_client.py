@@ -31,72 +31,36 @@ at most REPLY_TEXT_LIMIT characters, since it lands in the state file, the logs 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
-import ipaddress
-import os
-import socket
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
-from aiosmtplib import (
-    SMTPConnectError,
-    SMTPConnectResponseError,
-    SMTPConnectTimeoutError,
-    SMTPException,
-    SMTPHeloError,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-)
+from aiosmtplib import SMTPException, SMTPResponseException, SMTPServerDisconnected
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from mta.errors import HostUnreachableError, TransientDeliveryError
+from mta.delivery.smtp_connect import (
+    CONNECTION_ERRORS,
+    REPLY_TEXT_LIMIT,
+    BindAddresses,
+    Timeouts,
+    TlsMode,
+    TlsRequiredError,
+    is_refusal,
+    local_address,
+    one_line,
+    open_connection,
+    protocol_error,
+    quit_quietly,
+    remote_reply,
+)
+from mta.errors import TransientDeliveryError
 from mta.model import SmtpReply, TlsInfo
-from mta.net.tls import opportunistic_context, reference_name, tls_info, verify_peer, verifying_context
+
+__all__ = ["REPLY_TEXT_LIMIT", "BindAddresses", "SmtpSession", "Timeouts", "TlsMode", "TlsRequiredError",
+           "TransactionResult", "one_line"]
 
 _DATA_CHUNK = 64 * 1024
-REPLY_TEXT_LIMIT = 1000  # characters of remote reply text we keep
-# OpenSSL X509_V_ERR_* codes -> RFC 8460 result types (STS-92).
-_VERIFY_RESULT = {
-    9: "certificate-expired", 10: "certificate-expired",  # not yet valid, has expired
-    62: "certificate-host-mismatch",
-    2: "certificate-not-trusted", 18: "certificate-not-trusted", 19: "certificate-not-trusted",
-    20: "certificate-not-trusted", 21: "certificate-not-trusted", 27: "certificate-not-trusted",
-    28: "certificate-not-trusted",
-}
-# Connection trouble as aiosmtplib, asyncio and the socket layer raise it.
-_CONNECTION_ERRORS = (SMTPServerDisconnected, TimeoutError, OSError)
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds per step; defaults are RFC 5321 §4.5.3.2's minimums (SMTP-31)."""
-
-    connect: float = 30.0
-    greeting: float = 300.0
-    ehlo: float = 300.0  # also STARTTLS, the TLS handshake, HELO, AUTH
-    mail: float = 300.0  # also RSET
-    rcpt: float = 300.0
-    data_init: float = 120.0
-    data_block: float = 180.0
-    data_final: float = 600.0
-
-
-class TlsMode(enum.Enum):
-    MAY = "may"
-    VERIFY = "verify"
-
-
-class TlsRequiredError(TransientDeliveryError):
-    """TLS was required (VERIFY) and this host could not provide it; never a reason to bounce."""
-
-    def __init__(self, result_type: str, reason: str) -> None:
-        super().__init__(SmtpReply(451, f"TLS required by policy: {reason}", "4.7.5"))
-        self.result_type = result_type
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -106,42 +70,6 @@ class TransactionResult:
     replies: dict[str, SmtpReply]
     mail_reply: SmtpReply | None = None
     data_reply: SmtpReply | None = None
-
-
-def _reply(code: int, message: str) -> SmtpReply:
-    return SmtpReply.parse(code, _one_line(message))
-
-
-def _one_line(message: str) -> str:
-    """Remote reply text as one printable line (multi-line replies joined), capped in length."""
-    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: REPLY_TEXT_LIMIT * 2])
-    return text if len(text) <= REPLY_TEXT_LIMIT else text[: REPLY_TEXT_LIMIT - 3] + "..."
-
-
-def _is_refusal(code: int) -> bool:
-    """A reply code that means "not now" or "never" (RFC 5321 §4.2.1); anything else is a protocol error."""
-    return 400 <= code <= 599
-
-
-def _protocol_error(relay: str, step: str, code: int, message: str) -> SmtpReply:
-    """451 4.5.0 for a reply outside the protocol (odd code, malformed, over-long: aiosmtplib's code -1)."""
-    got = _one_line(message) if code < 0 else f"{code} {_one_line(message)}"
-    return SmtpReply(451, f"{relay}: invalid reply to {step}: {got}"[:REPLY_TEXT_LIMIT], "4.5.0")
-
-
-def _handshake_failure(exc: BaseException) -> tuple[str, str]:
-    """(TLS-RPT result type, reason) for an exception out of STARTTLS's handshake (STS-92)."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (_VERIFY_RESULT.get(exc.verify_code, "validation-failure"),
-                f"certificate verify failed: {exc.verify_message}")
-    if isinstance(exc, ssl.SSLError):
-        # The failure-reason-code is OpenSSL's error name (e.g. TLSV1_ALERT_PROTOCOL_VERSION).
-        return "validation-failure", f"TLS handshake failed: {exc.reason or exc}"
-    if isinstance(exc, TimeoutError):
-        return "validation-failure", f"TLS handshake failed: timeout ({exc})"
-    return "validation-failure", f"TLS handshake failed: {exc}"
 
 
 class SmtpSession:
@@ -160,85 +88,42 @@ class SmtpSession:
         self.peer_size_limit = _size_limit(ext.get("size"))
         self.supports_8bitmime = "8bitmime" in ext
         self.supports_smtputf8 = "smtputf8" in ext
+        self.local_address = local_address(smtp)  # RFC 8460 sending-mta-ip (issue 10 item 11)
         self.last_used = time.monotonic()
         self._usable = True
 
     # --- opening ------------------------------------------------------------------------------
     @classmethod
     async def open(cls, *, address: str, port: int, mx_host: str, helo_name: str, tls_mode: TlsMode,
-                   ca_file: str | None, timeouts: Timeouts) -> SmtpSession:
+                   ca_file: str | None, timeouts: Timeouts, bind: BindAddresses | None = None) -> SmtpSession:
         relay = f"{mx_host.rstrip('.')}[{address}]:{port}"
-        try:
-            ctx = verifying_context(ca_file) if tls_mode is TlsMode.VERIFY else opportunistic_context()
-        except (OSError, ssl.SSLError) as exc:  # our own trust store is broken: not the MX's fault
-            raise TransientDeliveryError(SmtpReply(451, f"cannot load CA file {ca_file}: {exc}", "4.7.5")) from exc
-        smtp = await _connect(address, port, relay, helo_name, timeouts)
-        try:
-            return await cls._secure(smtp, address=address, port=port, relay=relay, mx_host=mx_host,
-                                     helo_name=helo_name, tls_mode=tls_mode, ctx=ctx, ca_file=ca_file,
-                                     timeouts=timeouts)
-        except asyncio.CancelledError:
-            smtp.close()
-            raise
-
-    @classmethod
-    async def _secure(cls, smtp: aiosmtplib.SMTP, *, address: str, port: int, relay: str, mx_host: str,
-                      helo_name: str, tls_mode: TlsMode, ctx: ssl.SSLContext, ca_file: str | None,
-                      timeouts: Timeouts) -> SmtpSession:
-        """STARTTLS as the mode demands on a greeted connection (see the module docstring)."""
-        offered = smtp.supports_extension("starttls")
-        if not offered:
-            if tls_mode is TlsMode.VERIFY:
-                await _quit(smtp, timeouts)  # STS-75: no MAIL FROM, just QUIT
-                raise TlsRequiredError("starttls-not-supported", f"{relay} does not offer STARTTLS")
-            return cls(smtp, relay=relay, timeouts=timeouts, tls=None, starttls_offered=False)
-        sni = reference_name(mx_host)  # STS-79: the MX name, A-labels, no trailing dot; never an IP
-        if tls_mode is TlsMode.VERIFY and sni is None:
-            await _quit(smtp, timeouts)
-            raise TlsRequiredError("validation-failure", f"{relay}: no host name to verify a certificate against")
-        try:
-            await smtp.starttls(server_hostname=sni, tls_context=ctx, timeout=timeouts.ehlo)
-        except SMTPResponseException as exc:
-            refused = f"STARTTLS refused: {_reply(exc.code, exc.message)}"
-            if tls_mode is TlsMode.VERIFY:  # STS-92: a 4xx/5xx to STARTTLS counts as "not supported"
-                await _quit(smtp, timeouts)
-                raise TlsRequiredError("starttls-not-supported", f"{relay}: {refused}") from exc
-            if not smtp.is_connected or not _is_refusal(exc.code):
-                # 421: the server hung up; an invalid reply: the connection's state is unknown.
-                smtp.close()
-                smtp = await _connect(address, port, relay, helo_name, timeouts)
-            # Refused is reported like not offered (STS-92), so starttls_offered is False.
-            return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=refused), starttls_offered=False)
-        except (SMTPException, OSError, TimeoutError, ValueError) as exc:
-            smtp.close()
-            result_type, reason = _handshake_failure(exc)
-            if tls_mode is TlsMode.VERIFY:
-                raise TlsRequiredError(result_type, f"{relay}: {reason}") from exc  # STS-76: no plaintext retry
-            # SMTP-16 decision: opportunistic TLS that fails is retried once, in plaintext, on a new connection.
-            smtp = await _connect(address, port, relay, helo_name, timeouts)
-            return cls(smtp, relay=relay, timeouts=timeouts, tls=TlsInfo(error=reason), starttls_offered=True)
-        ssl_object = smtp.get_transport_info("ssl_object")
-        if tls_mode is TlsMode.VERIFY:
-            info = tls_info(ssl_object, True, None)  # OpenSSL already refused anything unverified
-        else:
-            verified, error = verify_peer(ssl_object, ca_file, mx_host)
-            info = tls_info(ssl_object, verified, error)
-        await _ehlo(smtp, helo_name, relay, timeouts)  # SMTP-15: pre-TLS capabilities are void
-        return cls(smtp, relay=relay, timeouts=timeouts, tls=info, starttls_offered=True)
+        opened = await open_connection(address=address, port=port, relay=relay, mx_host=mx_host, helo_name=helo_name,
+                                       tls_mode=tls_mode, ca_file=ca_file, timeouts=timeouts,
+                                       bind=bind or BindAddresses())
+        return cls(opened.smtp, relay=relay, timeouts=timeouts, tls=opened.tls,
+                   starttls_offered=opened.starttls_offered)
 
     async def login(self, username: str, password: str) -> None:
         """AUTH to a relay host; any failure is transient so the message stays queued.
 
-        On failure the connection is closed: the caller abandons the session.
+        On failure the connection is closed: the caller abandons the session. Credentials never
+        travel without TLS (issue 10 item 6; Postfix's `smtp_sasl_security_options = noplaintext`
+        default): a `relayhost_tls = "may"` session that ended up in plaintext (no STARTTLS offered,
+        refused, or the plaintext retry of a failed handshake, SMTP-16) is deferred with the reason.
         """
+        if self.tls is None or self.tls.version is None:
+            why = "it does not offer STARTTLS" if self.tls is None else f"TLS failed ({self.tls.error})"
+            await self.close()
+            raise TransientDeliveryError(SmtpReply(
+                451, f"{self.relay}: AUTH credentials are never sent without TLS, and {why}", "4.7.0"))
         try:
             await self._smtp.login(username, password, timeout=self.timeouts.ehlo)
         except SMTPResponseException as exc:
             self._broken()
-            if not _is_refusal(exc.code):
-                raise TransientDeliveryError(_protocol_error(self.relay, "AUTH", exc.code, exc.message)) from exc
-            raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc
-        except _CONNECTION_ERRORS as exc:
+            if not is_refusal(exc.code):
+                raise TransientDeliveryError(protocol_error(self.relay, "AUTH", exc.code, exc.message)) from exc
+            raise TransientDeliveryError(remote_reply(exc.code, exc.message)) from exc
+        except CONNECTION_ERRORS as exc:
             self._broken()
             raise TransientDeliveryError(self._failure(exc, "AUTH")) from exc
         except SMTPException as exc:
@@ -275,10 +160,10 @@ class SmtpSession:
         try:
             resp = await self._smtp.mail(mail_from, options=options, encoding=encoding, timeout=t.mail)
         except SMTPResponseException as exc:
-            if not _is_refusal(exc.code):
+            if not is_refusal(exc.code):
                 self._broken()
-                raise TransientDeliveryError(_protocol_error(self.relay, "MAIL FROM", exc.code, exc.message)) from exc
-            reply = _reply(exc.code, exc.message)
+                raise TransientDeliveryError(protocol_error(self.relay, "MAIL FROM", exc.code, exc.message)) from exc
+            reply = remote_reply(exc.code, exc.message)
             if reply.permanent:  # SMTP-23: 5yz to MAIL is final for every recipient (never cached, SMTP-24)
                 return TransactionResult({r: reply for r in rcpts}, reply)
             raise TransientDeliveryError(reply) from exc  # SMTP-23: 4yz to MAIL -> next host
@@ -286,20 +171,20 @@ class SmtpSession:
             reply = SmtpReply(553, f"sender {mail_from!r} cannot be sent: {exc}",
                               "5.6.7" if isinstance(exc, UnicodeError) else "5.1.7")
             return TransactionResult({r: reply for r in rcpts}, reply)
-        except (*_CONNECTION_ERRORS, SMTPException) as exc:
+        except (*CONNECTION_ERRORS, SMTPException) as exc:
             self._broken()
             raise TransientDeliveryError(self._failure(exc, "MAIL FROM")) from exc
-        mail_reply = _reply(resp.code, resp.message)
+        mail_reply = remote_reply(resp.code, resp.message)
         replies: dict[str, SmtpReply] = {}
         accepted: list[str] = []
         for i, rcpt in enumerate(rcpts):
             try:
                 resp = await self._smtp.rcpt(rcpt, encoding=encoding, timeout=t.rcpt)
             except SMTPResponseException as exc:
-                if not _is_refusal(exc.code):
+                if not is_refusal(exc.code):
                     # Neither accepted nor refused: this and every other open recipient waits (SMTP-22).
                     self._broken()
-                    odd = _protocol_error(self.relay, "RCPT TO", exc.code, exc.message)
+                    odd = protocol_error(self.relay, "RCPT TO", exc.code, exc.message)
                     replies.update({r: odd for r in [*accepted, *rcpts[i:]]})
                     return TransactionResult(replies, mail_reply)
                 replies[rcpt] = _rcpt_reply(exc.code, exc.message)
@@ -308,19 +193,19 @@ class SmtpSession:
                 replies[rcpt] = SmtpReply(553, f"recipient {rcpt!r} cannot be sent: {exc}",
                                           "5.6.7" if isinstance(exc, UnicodeError) else "5.1.3")
                 continue
-            except (*_CONNECTION_ERRORS, SMTPException) as exc:
+            except (*CONNECTION_ERRORS, SMTPException) as exc:
                 self._broken()
                 lost = self._failure(exc, "RCPT TO")
                 replies.update({r: lost for r in [*accepted, *rcpts[i:]]})  # SMTP-22
                 return TransactionResult(replies, mail_reply)
             accepted.append(rcpt)
-            replies[rcpt] = _reply(resp.code, resp.message)
+            replies[rcpt] = remote_reply(resp.code, resp.message)
         if not accepted:
             await self._rset_quietly()  # SMTP-20: nobody to send to, so no DATA
             return TransactionResult(replies, mail_reply)
         try:
             data_reply = await self._data(body)
-        except (*_CONNECTION_ERRORS, SMTPException) as exc:
+        except (*CONNECTION_ERRORS, SMTPException) as exc:
             self._broken()
             lost = self._failure(exc, "DATA")  # SMTP-32: may duplicate, never bounce
             replies.update({r: lost for r in accepted})
@@ -363,15 +248,15 @@ class SmtpSession:
         # No await between the last write and this read, so the reply cannot slip past the reader.
         resp = await protocol.read_response(timeout=t.data_final)
         if 200 <= resp.code <= 299:
-            return _reply(resp.code, resp.message)
+            return remote_reply(resp.code, resp.message)
         return self._refusal_or_error(resp.code, resp.message, "the end of data")
 
     def _refusal_or_error(self, code: int, message: str, step: str) -> SmtpReply:
         """A 4yz/5yz reply as given; anything else is a protocol error that ends the connection."""
-        if _is_refusal(code):
-            return _reply(code, message)
+        if is_refusal(code):
+            return remote_reply(code, message)
         self._broken()
-        return _protocol_error(self.relay, step, code, message)
+        return protocol_error(self.relay, step, code, message)
 
     # --- reuse and closing -------------------------------------------------------------------------
     async def reset(self) -> bool:
@@ -380,7 +265,7 @@ class SmtpSession:
             return False
         try:
             await self._smtp.rset(timeout=self.timeouts.mail)
-        except (*_CONNECTION_ERRORS, SMTPException):
+        except (*CONNECTION_ERRORS, SMTPException):
             self._broken()
             return False
         self.last_used = time.monotonic()
@@ -389,7 +274,7 @@ class SmtpSession:
     async def close(self) -> None:
         """QUIT (best effort) and close."""
         self._usable = False
-        await _quit(self._smtp, self.timeouts)
+        await quit_quietly(self._smtp, self.timeouts)
 
     @property
     def usable(self) -> bool:
@@ -406,8 +291,8 @@ class SmtpSession:
     def _failure(self, exc: BaseException, step: str) -> SmtpReply:
         if isinstance(exc, TimeoutError):
             return SmtpReply(451, f"timeout at {step} with {self.relay}", "4.4.2")
-        if isinstance(exc, SMTPResponseException) and not _is_refusal(exc.code):
-            return _protocol_error(self.relay, step, exc.code, exc.message)
+        if isinstance(exc, SMTPResponseException) and not is_refusal(exc.code):
+            return protocol_error(self.relay, step, exc.code, exc.message)
         return SmtpReply(451, f"connection to {self.relay} lost at {step}: {exc}", "4.4.2")
 
 
@@ -421,78 +306,8 @@ def _size_limit(value: str | None) -> int | None:
 
 def _rcpt_reply(code: int, message: str) -> SmtpReply:
     """SMTP-18: 452, and 552 to RCPT (RFC 5321 §4.5.3.1.10), mean "too many recipients": retry later."""
-    reply = _reply(code, message)
+    reply = remote_reply(code, message)
     if code == 552:
         enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.5.3"
         return SmtpReply(452, f"{reply.text} (552 to RCPT taken as temporary)".strip(), enhanced)
     return reply
-
-
-async def _connect(address: str, port: int, relay: str, helo_name: str, timeouts: Timeouts) -> aiosmtplib.SMTP:
-    """TCP connect, greeting and EHLO/HELO, each under its own timeout; failures are transient."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    except ValueError:
-        raise TransientDeliveryError(SmtpReply(421, f"connect to {relay}: not an IP address", "4.4.1")) from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), timeouts.connect)
-    except TimeoutError:
-        sock.close()
-        raise HostUnreachableError(SmtpReply(421, f"connect to {relay}: timed out", "4.4.1")) from None
-    except BaseException as exc:
-        sock.close()
-        if not isinstance(exc, OSError):
-            raise
-        # asyncio words every failure "Connect call failed"; the errno says what happened.
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise HostUnreachableError(SmtpReply(421, f"connect to {relay}: {reason}", "4.4.1")) from None
-    smtp = aiosmtplib.SMTP(sock=sock, local_hostname=helo_name, timeout=timeouts.greeting, start_tls=False)
-    try:
-        await smtp.connect(timeout=timeouts.greeting)
-    except SMTPConnectResponseError as exc:
-        smtp.close()
-        if not _is_refusal(exc.code):
-            raise TransientDeliveryError(_protocol_error(relay, "the greeting", exc.code, exc.message)) from exc
-        # SMTP-23: 4yz greeting, and (decision) 5yz greeting too, only rule out this host.
-        raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc
-    except SMTPConnectTimeoutError:
-        smtp.close()
-        raise HostUnreachableError(SmtpReply(421, f"no greeting from {relay} (timeout)", "4.4.2")) from None
-    except (SMTPConnectError, SMTPResponseException, *_CONNECTION_ERRORS, SMTPException) as exc:
-        smtp.close()
-        raise TransientDeliveryError(SmtpReply(421, f"{relay} lost before greeting: {exc}", "4.4.2")) from None
-    await _ehlo(smtp, helo_name, relay, timeouts)
-    return smtp
-
-
-async def _ehlo(smtp: aiosmtplib.SMTP, helo_name: str, relay: str, timeouts: Timeouts) -> None:
-    """EHLO; HELO only when EHLO is unknown to the server (500/502, SMTP-14)."""
-    try:
-        try:
-            await smtp.ehlo(hostname=helo_name, timeout=timeouts.ehlo)
-        except SMTPHeloError as exc:
-            if exc.code not in (500, 502) or not smtp.is_connected:
-                raise
-            await smtp.helo(hostname=helo_name, timeout=timeouts.ehlo)
-    except SMTPResponseException as exc:
-        smtp.close()
-        if not _is_refusal(exc.code):
-            raise TransientDeliveryError(_protocol_error(relay, "EHLO", exc.code, exc.message)) from exc
-        raise TransientDeliveryError(_reply(exc.code, exc.message)) from exc  # SMTP-23: next host
-    except asyncio.CancelledError:
-        smtp.close()
-        raise
-    except (*_CONNECTION_ERRORS, SMTPException) as exc:
-        smtp.close()
-        what = "timeout" if isinstance(exc, TimeoutError) else f"connection lost: {exc}"
-        raise TransientDeliveryError(SmtpReply(421, f"EHLO to {relay}: {what}", "4.4.2")) from exc
-
-
-async def _quit(smtp: aiosmtplib.SMTP, timeouts: Timeouts) -> None:
-    if smtp.is_connected:
-        with contextlib.suppress(*_CONNECTION_ERRORS, SMTPException):
-            await smtp.quit(timeout=min(timeouts.ehlo, 10.0))
-    smtp.close()
-

@@ -11,8 +11,11 @@ left-most label over at least two further labels, never the subject CN, never an
 - `verify_peer(...)`: after an opportunistic handshake, tells whether the same certificate WOULD
   have verified for the MX name, so testing-mode sessions can be reported (RFC 8460) without a
   second connection. Python offers no verify callback, so the presented chain is checked again
-  with `cryptography.x509.verification` (chain, signatures, basic constraints, validity) and our
-  own DNS-ID matcher. Error texts mirror OpenSSL's so one classifier serves both paths (STS-92).
+  with `cryptography.x509.verification` (chain, signatures, basic constraints, validity), OpenSSL's
+  serverAuth purpose rule and our own DNS-ID matcher. Error texts mirror OpenSSL's so one classifier
+  serves both paths (STS-92). The two paths must give the same verdict (issue 10 item 7): a report
+  must never say success where enforcement would refuse; tests/integration/test_issue10_trust.py
+  compares them certificate by certificate against a real OpenSSL handshake.
 
 Contexts and trust stores are built once per ca_file (None = the certifi bundle) and shared.
 """
@@ -39,6 +42,10 @@ EXPIRED = _FAILED + "certificate has expired"
 NOT_YET_VALID = _FAILED + "certificate is not yet valid"
 SELF_SIGNED = _FAILED + "self-signed certificate"
 UNTRUSTED = _FAILED + "unable to get local issuer certificate"
+BAD_PURPOSE = _FAILED + "unsuitable certificate purpose"  # X509_V_ERR_INVALID_PURPOSE (26)
+# OpenSSL's X509_PURPOSE_SSL_SERVER accepts an extendedKeyUsage only when it names serverAuth
+# (or one of the two legacy Server Gated Crypto purposes); anyExtendedKeyUsage alone is refused.
+_SERVER_PURPOSES = ("1.3.6.1.5.5.7.3.1", "2.16.840.1.113730.4.1", "1.3.6.1.4.1.311.10.3.3")
 _ENCODING_DER: int = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]  # arg of _ssl.Certificate.public_bytes
 
 
@@ -90,7 +97,7 @@ def dns_id_matches(reference: str, presented: str) -> bool:
     wildcard directly over a single label (`*.com`) and no bare `*`.
     """
     ref = reference.rstrip(".").lower().split(".")
-    pres = presented.rstrip(".").lower().split(".")
+    pres = presented.lower().split(".")  # a trailing dot on the SAN is not stripped: OpenSSL never matches it
     if any(not label for label in ref) or any(not label for label in pres):
         return False
     if "*" not in presented:
@@ -170,9 +177,13 @@ def verify_chain(der_chain: Sequence[bytes], ca_file: str | None, hostname: str,
     builder = (PolicyBuilder().store(store).time(at)
                .extension_policies(ca_policy=ca_policy, ee_policy=ExtensionPolicy.permit_all()))
     try:
-        builder.build_client_verifier().verify(leaf, intermediates)
+        verified = builder.build_client_verifier().verify(leaf, intermediates)
     except VerificationError:
         return False, SELF_SIGNED if leaf.issuer == leaf.subject else UNTRUSTED
+    # Issue 10 item 7: the purpose check OpenSSL applies in enforce mode (a certificate for
+    # clientAuth only is refused there), on the leaf and every intermediate, before time and name.
+    if not all(_server_purpose(cert) for cert in verified.chain[:-1]):
+        return False, BAD_PURPOSE
     if now > end:
         return False, EXPIRED
     if now < start:
@@ -185,6 +196,17 @@ def verify_chain(der_chain: Sequence[bytes], ca_file: str | None, hostname: str,
     if any(dns_id_matches(reference, name) for name in names):
         return True, None
     return False, host_mismatch(reference)
+
+
+def _server_purpose(cert: Any) -> bool:
+    """True when `cert` has no extendedKeyUsage or one that allows a TLS server (OpenSSL's rule)."""
+    from cryptography import x509
+
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return any(oid.dotted_string in _SERVER_PURPOSES for oid in eku)
 
 
 def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:

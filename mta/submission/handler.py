@@ -18,11 +18,14 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import email.utils
 import ipaddress
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -191,16 +194,28 @@ class SubmissionHandler:
 
     def authenticator(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
                       auth_data: Any) -> Any:
-        from aiosmtpd.smtp import AuthResult, LoginPassword
+        """aiosmtpd's (synchronous) authenticator hook: only hands the credentials on.
 
-        from mta.submission.auth import verify_password
+        The scrypt check costs ~50 ms of CPU; run here it would stall every client of the process
+        (issue 10 item 8), and aiosmtpd cannot await an authenticator. So this returns a
+        `PendingCheck` that RelaySMTP's auth_PLAIN/auth_LOGIN complete with `check_credentials`.
+        """
+        from aiosmtpd.smtp import AuthResult, LoginPassword
 
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
-        user = auth_data.login.decode("utf-8", "replace")
+        return AuthResult(success=False, handled=False, auth_data=PendingCheck(auth_data))
+
+    async def check_credentials(self, session: Session, credentials: Any) -> Any:
+        """The AuthResult for a LoginPassword, with the scrypt work in the AUTH thread pool."""
+        from aiosmtpd.smtp import AuthResult
+
+        user = credentials.login.decode("utf-8", "replace")
+        password = credentials.password.decode("utf-8", "replace")
         stored = self.users.get(user)
         # An unknown user costs the same scrypt as a wrong password: no user enumeration by timing.
-        checked = verify_password(auth_data.password.decode("utf-8", "replace"), stored or _dummy_hash())
+        checked = await asyncio.get_running_loop().run_in_executor(
+            _auth_pool(), _verify, password, stored)
         ok = stored is not None and checked
         peer = session.peer[0] if isinstance(session.peer, tuple) else "?"
         if not ok:
@@ -209,3 +224,29 @@ class SubmissionHandler:
             return AuthResult(success=False, handled=False)
         log.event("authenticated", client=peer, user=log_safe(user, 64))
         return AuthResult(success=True, auth_data=user)
+
+
+@dataclass(frozen=True)
+class PendingCheck:
+    """Credentials received by aiosmtpd, still to be checked off the event loop."""
+
+    credentials: Any  # aiosmtpd.smtp.LoginPassword
+
+
+# Bounded concurrency for password hashing: at most this many scrypt runs at once per process
+# (each up to 64 MiB, auth._entry_problem); further AUTH attempts wait their turn in the pool's
+# queue, which the connection cap and the per-address AUTH lock (listener) keep bounded.
+AUTH_THREADS = 2
+_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _auth_pool() -> concurrent.futures.ThreadPoolExecutor:
+    if not _POOL:  # created on first use, so a forked listener child makes its own
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(AUTH_THREADS, thread_name_prefix="mta-auth"))
+    return _POOL[0]
+
+
+def _verify(password: str, stored: str | None) -> bool:
+    from mta.submission.auth import verify_password
+
+    return verify_password(password, stored or _dummy_hash())

@@ -2,7 +2,10 @@
 
 Adds what aiosmtpd leaves to us, each with bounded time and memory against hostile clients:
 - a connection cap (421 beyond it) and a listen backlog large enough that a burst gets that 421
-  promptly instead of stalling in the kernel queue;
+  promptly instead of stalling in the kernel queue; a cap per client address (Postfix anvil's
+  default of 50), and above STRESS_SHARE of the cap every idle timer is cut to
+  stress_idle_timeout (Postfix's stress mode), so one address, or a few, cannot lock out the
+  others (issue 10 item 14);
 - AUTH brute force slowed per client address: attempts from one address run one at a time, each
   after a delay growing with the earlier failures (so parallel connections do not dodge it);
 - DATA read with bounded memory: aiosmtpd 1.4.6 keeps every fragment of an over-long line (one
@@ -21,7 +24,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from mta import metrics
 from mta.config import Config, SubmissionConfig, parse_hostport
@@ -29,11 +32,12 @@ from mta.dkim.signer import Signer
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.auth import load_users
-from mta.submission.handler import SubmissionHandler
+from mta.submission.handler import PendingCheck, SubmissionHandler
 
 _BACKLOG = 1024  # asyncio's default 100 lets a burst of connects sit in SYN_RECV for seconds
 _AUTH_DELAY_STEPS = 8  # the delay stops growing after this many failures
 _TRACKED_PEERS = 10000  # memory bound of the failure table
+STRESS_SHARE = 0.8  # above this share of max_connections in use, idle clients get the short timeout
 
 
 class _RedactClientText(logging.Filter):
@@ -57,12 +61,46 @@ def install_log_redaction() -> None:
 class _Limits:
     """State shared by every connection of one relay process."""
 
-    def __init__(self, max_connections: int, auth_delay: float) -> None:
+    def __init__(self, max_connections: int, auth_delay: float, *, per_client: int | None = None,
+                 idle_timeout: float = 300.0, stress_idle_timeout: float = 10.0) -> None:
         self.max_connections = max_connections
+        self.per_client = per_client or max_connections
+        self.idle_timeout = idle_timeout
+        self.stress_idle_timeout = min(stress_idle_timeout, idle_timeout)
         self.active = 0
+        self.by_client: dict[str, int] = {}  # open connections per client address (no entry at 0)
+        self.connections: set[RelaySMTP] = set()
         self.auth_delay = auth_delay
         self.auth_failures: dict[str, int] = {}
         self.auth_locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def stressed(self) -> bool:
+        return self.active > STRESS_SHARE * self.max_connections
+
+    def admit(self, conn: RelaySMTP, client: str) -> str | None:
+        """Count a new connection in; the 421 line when it is over a cap."""
+        if self.by_client.get(client, 0) >= self.per_client:
+            return "421 4.7.0 Too many connections from your address, try again later"
+        if self.active >= self.max_connections:
+            return "421 4.7.0 Too many connections, try again later"
+        was_stressed = self.stressed
+        self.active += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        self.connections.add(conn)
+        if self.stressed and not was_stressed:
+            for other in self.connections:  # stress begins: idle clients get the short timer now
+                other.shorten_idle_timer(self.stress_idle_timeout)
+        return None
+
+    def release(self, conn: RelaySMTP, client: str) -> None:
+        self.active -= 1
+        self.connections.discard(conn)
+        left = self.by_client.get(client, 1) - 1
+        if left > 0:
+            self.by_client[client] = left
+        else:
+            self.by_client.pop(client, None)
 
     def auth_lock(self, peer: str) -> asyncio.Lock:
         if len(self.auth_locks) > _TRACKED_PEERS:
@@ -87,29 +125,48 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._limits = limits
         self._counted = False
+        self._client = ""
         self.listener = listener  # metrics label: "smtp:PORT" or "smtps:PORT", never a client's text
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None and not self._counted:
-            if self._limits.active >= self._limits.max_connections:
-                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+            peer = transport.get_extra_info("peername")
+            self._client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            refusal = self._limits.admit(self, self._client)
+            if refusal is not None:
+                transport.write(refusal.encode() + b"\r\n")  # type: ignore[attr-defined]
                 metrics.message_rejected("421")
                 transport.close()
                 self.transport = None
                 return
-            self._limits.active += 1
             self._counted = True
             metrics.connection_opened(self.listener)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted:
-            self._limits.active -= 1
+            self._limits.release(self, self._client)
             self._counted = False
             metrics.connection_closed(self.listener)
         if self.session is None:
             return
         super().connection_lost(error)
+
+    # aiosmtpd has no public way to change a running connection's idle timeout: its private
+    # _reset_timeout is the one place the timer is armed (at connect and after each command), so
+    # the stress-mode timeout is applied there (issue 10 item 14).
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        if duration is None and self._limits.stressed:
+            duration = self._limits.stress_idle_timeout
+        super()._reset_timeout(duration)
+
+    def shorten_idle_timer(self, seconds: float) -> None:
+        """Fire the idle timer within `seconds` from now, unless it fires sooner already."""
+        handle = self._timeout_handle
+        if self.transport is None or handle is None or handle.cancelled():
+            return
+        if handle.when() - self.loop.time() > seconds:
+            super()._reset_timeout(seconds)
 
     def eof_received(self) -> bool | None:
         # aiosmtpd cancels the session on EOF but (plain TCP) asks to keep the socket half-open,
@@ -131,6 +188,20 @@ class RelaySMTP(SMTP):
                 return
             await super().smtp_AUTH(arg)
             self._limits.note_auth(peer, self.session is not None and bool(self.session.authenticated))
+
+    # Issue 10 item 8: aiosmtpd calls the authenticator synchronously, so ours only returns a
+    # PendingCheck and the password check (scrypt) runs here, awaited, in the handler's thread pool.
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._complete(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._complete(await super().auth_LOGIN(_, args))
+
+    async def _complete(self, result: AuthResult) -> AuthResult:
+        if isinstance(result, AuthResult) and isinstance(result.auth_data, PendingCheck):
+            assert self.session is not None
+            return await self.event_handler.check_credentials(self.session, result.auth_data.credentials)
+        return result
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         status = await super()._call_handler_hook(command, *args)
@@ -223,7 +294,8 @@ class Listeners:
         self.cfg = cfg
         self.hostname = hostname
         self.handler = handler
-        self.limits = _Limits(cfg.max_connections, cfg.auth_failure_delay)
+        self.limits = _Limits(cfg.max_connections, cfg.auth_failure_delay, per_client=cfg.max_connections_per_client,
+                              idle_timeout=cfg.idle_timeout, stress_idle_timeout=cfg.stress_idle_timeout)
         install_log_redaction()
         self.tls_context = server_tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         self.servers: list[asyncio.Server] = []

@@ -66,8 +66,9 @@ class TestPki:
         """A leaf with the name only in the subject CN and no SAN at all (STS-78, ID-6)."""
         return self.custom_leaf(common_name, [])
 
-    def custom_leaf(self, common_name: str, sans: list[str]) -> Leaf:
-        """A leaf from the trusted CA with a free-form CN and SAN dNSNames (none: no SAN extension)."""
+    def custom_leaf(self, common_name: str, sans: list[str], eku: list[str] | None = None) -> Leaf:
+        """A leaf from the trusted CA with a free-form CN and SAN dNSNames (none: no SAN extension);
+        `eku`: dotted OIDs of an extendedKeyUsage extension (None: no such extension)."""
         key = ec.generate_private_key(ec.SECP256R1())
         ca_key = serialization.load_pem_private_key(self.ca.private_key_pem.bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(self.ca.cert_pem.bytes())
@@ -84,6 +85,9 @@ class TestPki:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]),
+                                            critical=False)
+        if eku is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([x509.ObjectIdentifier(o) for o in eku]),
                                             critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
         self._count += 1
