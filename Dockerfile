@@ -32,7 +32,7 @@ RUN useradd --system --user-group --uid 10025 --home-dir /var/spool/mta --shell 
     && chown mta:mta /var/spool/mta
 COPY --from=build /opt/mta /opt/mta
 # Applications that call sendmail (issue 12) find mta's console script where they look for it.
-RUN if [ -e /opt/mta/bin/sendmail ]; then ln -s /opt/mta/bin/sendmail /usr/sbin/sendmail; fi
+RUN ln -s /opt/mta/bin/sendmail /usr/sbin/sendmail
 COPY deploy/container/config.toml /etc/mta/config.toml
 # MTA_CONFIG: `docker exec ... mta queue list` and sendmail find the config without --config.
 ENV PATH=/opt/mta/bin:$PATH MTA_CONFIG=/etc/mta/config.toml

@@ -6,11 +6,13 @@ Each round starts a real `mta serve` per mode (unsigned, rsa-sha256, ed25519-sha
 rotates every round so drift on a shared machine hits each mode alike), submits N 2 KB messages
 with a signed From: domain over `--sessions` SMTP sessions and times the last 250 (each 250
 comes after the fsync, so this is the durable submission rate). Delivery runs meanwhile to a
-plaintext sink, as in production. Prints the median rate per mode and its ratio to unsigned
-(issue 12 targets: RSA >= 0.85, Ed25519 >= 0.95), and the CPU seconds per 1,000 messages of
-the listener process (the one that signs): on a shared, loaded machine the wall-clock rate
-swings with the neighbours, the CPU cost per message much less. A third table times the signing
-alone in this process (per 2 KB message). Not a test: numbers vary with the machine.
+plaintext sink, as in production (a run ends once the first message arrived signed).
+
+Prints the median rate per mode and its ratio to unsigned (issue 12 targets: RSA >= 0.85,
+Ed25519 >= 0.95), and the CPU seconds per 1,000 messages of the listener process (the one that
+signs): on a shared, loaded machine the wall-clock rate swings with the neighbours, the CPU
+cost per message much less. A last table times the signing alone in this process (per 2 KB
+message). Not a test: numbers vary with the machine.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def one_run(tmp: Path, mode: str, n: int, sessions: int) -> tuple[float, float]:
         sent = n // sessions * sessions
         rate = sent / (time.monotonic() - t0)
         cpu = (cpu_seconds([listener]) - cpu0) / sent * 1000
-        got = mx.wait_for_messages_blocking(sent, timeout=600)
+        # One delivered message shows the signing worked; delivery speed is not what is measured here.
+        got = mx.wait_for_messages_blocking(1, timeout=120)
         if mode != "unsigned" and not got[0].data.startswith(b"DKIM-Signature:"):
             raise SystemExit(f"{mode}: delivered mail is not signed")
         return rate, cpu

@@ -1,13 +1,20 @@
 """Quick end-to-end relay rate: submit N 2 KB messages over 20 concurrent sessions to a real
 `mta serve`, delivered to a local STARTTLS receiver (aiosmtpd) found through the fake DNS.
 
-    .venv/bin/python bench/e2e_rate.py --n 1000 --mode tls|plain|enforce [--tlsrpt]
-    .venv/bin/python bench/e2e_rate.py --n 1000 --mode enforce --tlsrpt --cluster [--rounds 3]
+    .venv/bin/python bench/e2e_rate.py --n 1000 --mode tls|plain|enforce [--tlsrpt] [--metrics]
 
-Prints one line: mode, N, submission rate, end-to-end rate, submission p50/p99, MX sessions.
+--metrics turns on the HTTP endpoint (and with it the counting, which is off without it) and
+scrapes /metrics every second during the run, as an impatient Prometheus would; at the end the
+delivered counter must equal N.
+
 --cluster (issue 15) runs the same relay alternately on SQLite and with `[cluster] database` on a
 private PostgreSQL (tests/support/postgres.py), `--rounds` times each, and prints the ratio of the
-median end-to-end rates (cluster / SQLite).
+median end-to-end rates and of the CPU per message (cluster / SQLite):
+
+    .venv/bin/python bench/e2e_rate.py --n 1000 --mode enforce --tlsrpt --cluster [--rounds 3]
+
+Prints one line: mode, N, submission rate, end-to-end rate, submission p50/p99, MX sessions, and
+the CPU time of the relay's processes per message (steadier than rates on a busy machine).
 """
 
 from __future__ import annotations
@@ -16,18 +23,41 @@ import argparse
 import asyncio
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiosmtplib
 
+from bench.procstat import tree_cpu
 from tests.support.dkim import make_key
-from tests.support.relay import listen_address
+from tests.support.ops import scrape
+from tests.support.relay import free_port, listen_address, run_cli
 from tests.support.world import World
 
 MSG = b"Subject: bench\r\n\r\n" + (b"x" * 78 + b"\r\n") * 25
+
+
+class Scraper(threading.Thread):
+    """GET /metrics every second until stopped."""
+
+    def __init__(self, base: str) -> None:
+        super().__init__(daemon=True)
+        self.base = base
+        self.count = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            scrape(self.base)
+            self.count += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
 
 
 def main() -> int:
@@ -35,6 +65,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--mode", choices=("tls", "plain", "enforce"), default="tls")
     ap.add_argument("--tlsrpt", action="store_true", help="record sessions for TLS reporting")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every delivery")
+    ap.add_argument("--metrics", action="store_true", help="[http] on, /metrics scraped every second")
     ap.add_argument("--cluster", action="store_true", help="compare SQLite with [cluster] database (PostgreSQL)")
     ap.add_argument("--rounds", type=int, default=3, help="with --cluster: runs of each")
     args = ap.parse_args()
@@ -49,12 +81,15 @@ def main() -> int:
             world.domain("dst.test", [(10, "mx1.dst.test")])
             if args.mode == "enforce":
                 world.sts("dst.test", "enforce", ["mx1.dst.test"])
-            extra: dict[str, object] = {}
+            extra: dict[str, Any] = {}
             if args.tlsrpt:
                 key = make_key(tmp / "keys", "relay.test", "rpt")  # report mails must be signed (RPT-18)
                 extra = {"tlsrpt": {"enabled": True, "contact_info": "t@relay.test", "report_sender": "r@relay.test",
                                     "db_path": str(tmp / "rpt.db")}, "dkim": {"keys": [key.config()]}}
+            if args.metrics:
+                extra["http"] = {"listen": f"127.0.0.1:{free_port()}"}
             relay = world.relay(world.config(log={"format": "json", "level": "warning"}, **extra))
+            scraper = Scraper(f"http://{extra['http']['listen']}") if args.metrics else None
             host, port = listen_address(relay.data)
             latencies: list[float] = []
 
@@ -68,16 +103,30 @@ def main() -> int:
             async def run() -> None:
                 await asyncio.gather(*(client(k, args.n // 20) for k in range(20)))
 
+            if scraper:
+                scraper.start()
+            cpu0 = tree_cpu(relay.proc.pid)  # type: ignore[union-attr]
             t0 = time.monotonic()
             asyncio.run(run())
             t1 = time.monotonic()
-            mx.wait_for_messages_blocking(len(latencies), timeout=600)
+            try:
+                mx.wait_for_messages_blocking(len(latencies), timeout=args.timeout)
+            except TimeoutError:
+                print(run_cli(relay.config, "queue", "list").stdout[-3000:], relay.log_text()[-3000:], file=sys.stderr)
+                raise
             t2 = time.monotonic()
+            cpu = tree_cpu(relay.proc.pid) - cpu0  # type: ignore[union-attr]
+            counted = ""
+            if scraper:
+                scraper.stop()
+                delivered = sum(v for (name, _l), v in scrape(scraper.base).items()
+                                if name == "mta_deliveries_total" and ("result", "delivered") in _l)
+                counted = f" counted={delivered:.0f} scrapes={scraper.count}"
             latencies.sort()
             n = len(latencies)
             print(f"mode={args.mode} tlsrpt={args.tlsrpt} N={n} submit={n / (t1 - t0):.0f}/s e2e={n / (t2 - t0):.0f}/s "
                   f"p50={latencies[n // 2] * 1000:.1f}ms p99={latencies[int(n * 0.99)] * 1000:.1f}ms "
-                  f"sessions={len(mx.sessions)}")
+                  f"sessions={len(mx.sessions)} cpu_ms_per_msg={cpu * 1000 / n:.2f} metrics={args.metrics}{counted}")
         finally:
             world.close()
     return 0
@@ -102,10 +151,11 @@ def compare(args: argparse.Namespace) -> int:
                 if args.mode == "enforce":
                     world.sts("dst.test", "enforce", ["mx1.dst.test"])
                 rates: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
+                cpus: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
                 for r in range(args.rounds):
                     for kind in rates:
                         spool = tmp / f"{kind}{r}"
-                        extra: dict[str, object] = {
+                        extra: dict[str, Any] = {
                             "queue": {"path": str(spool)}, "mta_sts": {"cache_path": str(spool / "sts.db")},
                             "log": {"format": "json", "level": "warning"}}
                         if args.tlsrpt:
@@ -117,13 +167,16 @@ def compare(args: argparse.Namespace) -> int:
                             extra["cluster"] = {"database": pg.create_database(), "node_name": f"bench{r}"}
                         relay = world.relay(deep_merge(world.config(), extra), name=f"{kind}{r}.toml")
                         mx.clear()
-                        line, e2e = measure(relay, mx, args.n)
+                        line, e2e, cpu = measure(relay, mx, args.n, args.timeout)
                         relay.stop()
                         rates[kind].append(e2e)
+                        cpus[kind].append(cpu)
                         print(f"{kind:<10} round={r + 1} mode={args.mode} tlsrpt={args.tlsrpt} {line}", flush=True)
                 med = {k: statistics.median(v) for k, v in rates.items()}
+                cpu_med = {k: statistics.median(v) for k, v in cpus.items()}
                 print(f"median e2e: sqlite={med['sqlite']:.0f}/s postgresql={med['postgresql']:.0f}/s "
-                      f"ratio={med['postgresql'] / med['sqlite']:.2f}")
+                      f"ratio={med['postgresql'] / med['sqlite']:.2f}; cpu ms/msg: sqlite={cpu_med['sqlite']:.2f} "
+                      f"postgresql={cpu_med['postgresql']:.2f} ratio={cpu_med['postgresql'] / cpu_med['sqlite']:.2f}")
             finally:
                 world.close()
     finally:
@@ -131,9 +184,9 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(relay: object, mx: object, total: int) -> tuple[str, float]:
-    """Submit `total` messages over 20 sessions; (result line, end-to-end rate)."""
-    host, port = listen_address(relay.data)  # type: ignore[attr-defined]
+def measure(relay: Any, mx: Any, total: int, timeout: float) -> tuple[str, float, float]:
+    """Submit `total` messages over 20 sessions: (result line, end-to-end rate, CPU ms per message)."""
+    host, port = listen_address(relay.data)
     latencies: list[float] = []
 
     async def client(k: int, n: int) -> None:
@@ -146,16 +199,18 @@ def measure(relay: object, mx: object, total: int) -> tuple[str, float]:
     async def run() -> None:
         await asyncio.gather(*(client(k, total // 20) for k in range(20)))
 
+    cpu0 = tree_cpu(relay.proc.pid)
     t0 = time.monotonic()
     asyncio.run(run())
     t1 = time.monotonic()
-    mx.wait_for_messages_blocking(len(latencies), timeout=600)  # type: ignore[attr-defined]
+    mx.wait_for_messages_blocking(len(latencies), timeout=timeout)
     t2 = time.monotonic()
-    latencies.sort()
     n = len(latencies)
+    cpu_ms = (tree_cpu(relay.proc.pid) - cpu0) * 1000 / n
+    latencies.sort()
     return (f"N={n} submit={n / (t1 - t0):.0f}/s e2e={n / (t2 - t0):.0f}/s p50={latencies[n // 2] * 1000:.1f}ms "
-            f"p99={latencies[int(n * 0.99)] * 1000:.1f}ms sessions={len(mx.sessions)}",  # type: ignore[attr-defined]
-            n / (t2 - t0))
+            f"p99={latencies[int(n * 0.99)] * 1000:.1f}ms sessions={len(mx.sessions)} cpu_ms_per_msg={cpu_ms:.2f}",
+            n / (t2 - t0), cpu_ms)
 
 
 if __name__ == "__main__":

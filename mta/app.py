@@ -312,16 +312,20 @@ async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, 
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
     runtime.use_io_threads(loop)
+    metrics.set_enabled(bool(cfg.http.listen))
     if store is None:
         # The spool first: an unusable one is the error the operator must see, before anything (the
         # MTA-STS cache, say, which lives in it by default) trips over it less clearly.
         SpoolStore(cfg.queue.path).prepare()
     relay = Relay(cfg, store)
-    # Handlers before start: the listener (child) accepts before "started" is logged, and a
-    # SIGTERM in between must still mean a clean stop (exit 0), not death by signal.
+    # Handlers before start-up, not after: the listener child already accepts clients, and a
+    # SIGTERM arriving meanwhile must still mean "stop cleanly". As a container's PID 1 a signal
+    # without a handler is not even fatal, it is ignored: `docker stop` then hangs until SIGKILL.
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if runtime.early_stop_requested():  # a SIGTERM before this loop existed (runtime.catch_early_stop)
+        stop.set()
     await relay.start(child, resumed, resume_seconds)
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(relay.child_gone.wait())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

@@ -78,14 +78,13 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    runtime.catch_early_stop()  # first: a stop request during start-up is honoured, not lost (CTR-4)
     from mta import preflight
     from mta.app import resume, serve
-    from mta.dkim.signer import Signer
 
     preflight.check(cfg)  # the same checks as check-config, before anything starts (issue 10 item 9)
     for warning in config_mod.warnings(cfg):
         log.event("config-warning", reason=warning)
-    Signer.from_config(cfg)  # a key that cannot sign stops us here, before any fork (as check-config)
 
     store: SpoolStore | None = None
     child: tuple[int, int] | None = None

@@ -17,8 +17,10 @@ Rules (issue 14):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -89,26 +91,46 @@ def _init_series() -> None:
 
 
 _init_series()
+_HISTOGRAMS = {result: ATTEMPT_SECONDS.labels(result) for result in RESULTS}
 
 
 def _clean(value: str | None, allowed: Iterable[str], default: str = "other") -> str:
     return value if value is not None and value in allowed else default
 
 
+# ----- on/off -------------------------------------------------------------------------------------
+
+_enabled = True
+
+
+def set_enabled(flag: bool) -> None:
+    """`mta serve` without `[http] listen` has no one to export to: counting is switched off and
+    every hook below returns at once (the with/without cost is in the README's Performance)."""
+    global _enabled
+    _enabled = flag
+
+
 # ----- forwarding from the listener child -------------------------------------------------------
 
 _forward: Callable[[str], None] | None = None
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_thread: int | None = None
+_children: dict[tuple[Counter | Gauge, tuple[str, ...]], Any] = {}
 _pending: dict[tuple[str, tuple[str, ...]], float] = {}
 _flush_scheduled = False
 FORWARD_PREFIX = "M "
 
 
 def forward_to(write: Callable[[str], None] | None) -> None:
-    """In the listener child: send increments through `write` (one line each flush) instead of
-    keeping them here; None restores local counting."""
-    global _forward
+    """In the listener child, on its event loop: send increments through `write` (one line each
+    flush) instead of keeping them here; None restores local counting."""
+    global _forward, _loop, _loop_thread
     _forward = write
     _pending.clear()
+    try:
+        _loop, _loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    except RuntimeError:
+        _loop = _loop_thread = None
 
 
 def flush_forwarded() -> None:
@@ -129,23 +151,34 @@ def apply_forwarded(text: str) -> None:
         items = json.loads(text)
         for name, labels, amount in items:
             metric = _BY_NAME[name]
-            child = metric.labels(*labels)
-            child.inc(float(amount))
+            if not isinstance(labels, list) or len(labels) != len(metric._labelnames):  # type: ignore[attr-defined]
+                raise ValueError(f"{name}: wrong labels {labels!r}")
+            _add(metric, tuple(str(v) for v in labels), float(amount))
     except (ValueError, TypeError, KeyError) as exc:
         _log.error("ignoring a malformed metrics line from the listener process: %s", exc)
 
 
 def _add(metric: Counter | Gauge, labels: tuple[str, ...], amount: float = 1.0) -> None:
     global _flush_scheduled
+    if not _enabled:
+        return
     if _forward is None:
-        metric.labels(*labels).inc(amount)
+        child = _children.get((metric, labels))
+        if child is None:
+            # labels() validates and locks on every call; the label sets are small and fixed, so the
+            # children are kept (this is most of the per-event cost, see the README's Performance).
+            child = _children[(metric, labels)] = metric.labels(*labels)
+        child.inc(amount)
+        return
+    if _loop is not None and threading.get_ident() != _loop_thread:
+        # From a worker thread (DKIM signing runs in one): the buffer and the pipe belong to the
+        # loop. Queued ahead of the completion of the thread's work, so still before the queue id.
+        _loop.call_soon_threadsafe(_add, metric, labels, amount)
         return
     key = (metric._name, labels)  # type: ignore[attr-defined]
     _pending[key] = _pending.get(key, 0.0) + amount
     if not _flush_scheduled:
         # One line per event-loop turn at most, however many events the turn had.
-        import asyncio
-
         try:
             asyncio.get_running_loop().call_soon(flush_forwarded)
             _flush_scheduled = True
@@ -185,9 +218,11 @@ def delivery(result: str, sts_mode: str | None, policy: str | None = None) -> No
 def attempt_finished(seconds: float, outcome_kinds: Iterable[str]) -> None:
     """One attempt for one domain: delivered if any recipient was, else bounced if any was
     refused permanently, else deferred."""
+    if not _enabled:
+        return
     kinds = set(outcome_kinds)
     result = "delivered" if "delivered" in kinds else "bounced" if "permanent" in kinds else "deferred"
-    ATTEMPT_SECONDS.labels(result).observe(seconds)
+    _HISTOGRAMS[result].observe(seconds)
 
 
 def tls_session(version: str | None, verified: bool) -> None:

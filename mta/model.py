@@ -78,3 +78,22 @@ class TlsInfo:
     @property
     def label(self) -> str:
         return self.version or "none"
+
+
+#: `MxAnswer.kind` values.
+MX = "mx"  # one or more real MX records
+NULL = "null"  # RFC 7505 null MX: the domain accepts no mail
+IMPLICIT = "implicit"  # no MX RRset; the domain itself is the single MX (SMTP-4)
+
+
+@dataclass(frozen=True)
+class MxAnswer:
+    """The outcome of an MX lookup that did not fail.
+
+    `records` are (preference, host) with the host lower-case and without a trailing dot; the root
+    (".") only appears for kind "null". It lives here, below both, because `mta.net.dns` produces
+    it and `mta.delivery.route` consumes it: the DNS adapter must not import the delivery layer.
+    """
+
+    kind: str
+    records: tuple[tuple[int, str], ...] = ()

@@ -4,10 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import signal
 from collections.abc import Coroutine
 from typing import Any
 
 IO_THREADS = 32
+_early_stop: list[int] = []  # SIGTERMs that arrived before the event loop had its handlers
+
+
+def catch_early_stop() -> None:
+    """Remember a SIGTERM that arrives before `serve` installs its handlers (CTR-4).
+
+    A container's PID 1 ignores signals it has no handler for, so `docker stop` during start-up
+    would otherwise hang until SIGKILL; outside a container it would kill us mid-start. Either
+    way the stop request now becomes the usual clean stop once the loop runs.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: _early_stop.append(signum))
+
+
+def forget_early_stop() -> None:
+    """In the forked listener child: SIGTERM means "die" again until its loop handles it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _early_stop.clear()
+
+
+def early_stop_requested() -> bool:
+    return bool(_early_stop)
 
 
 def run(main: Coroutine[Any, Any, int]) -> int:

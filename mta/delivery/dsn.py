@@ -34,6 +34,8 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.policy import EmailPolicy
 from email.utils import format_datetime
 
+from mta import idn
+
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
 
@@ -120,8 +122,8 @@ def _hostname(value: str, what: str) -> str:
     name = value.strip().rstrip(".")
     if not name.isascii():
         try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError as exc:  # a ValueError, but say which field was bad
+            name = idn.to_ascii(name)  # IDNA 2008, one rule with DNS, policies and reports
+        except ValueError as exc:  # say which field was bad
             raise ValueError(f"{what} is not a valid host name: {value!r}") from exc
     if not _HOSTNAME.fullmatch(name):
         raise ValueError(f"{what} is not a valid host name: {value!r}")

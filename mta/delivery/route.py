@@ -1,6 +1,6 @@
 """MX answer -> ordered delivery candidates (RFC 5321 §5.1, RFC 7505).
 
-Rule: pure. This module turns what DNS said (an `MxAnswer`, produced by `mta.net.dns`) into the
+Rule: pure. This module turns what DNS said (an `mta.model.MxAnswer`, produced by `mta.net.dns`) into the
 list of host names to try, in order; it never looks anything up, reads no clock and takes its
 randomness (`rng`) as an argument. Every "this domain cannot receive mail" verdict that follows
 from the MX answer alone is raised here as a `PermanentDeliveryError` carrying the reply to
@@ -17,30 +17,16 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from mta.errors import PermanentDeliveryError
-from mta.model import SmtpReply
+from mta.model import IMPLICIT, MX, NULL, MxAnswer, SmtpReply
+
+# MxAnswer and its kinds live in mta.model (below both this module and mta.net.dns); re-exported.
+__all__ = ["IMPLICIT", "MAX_MX_HOSTS", "MX", "NULL", "Candidate", "MxAnswer", "address_literal_ip", "cap_hosts",
+           "is_address_literal", "order_mx"]
 
 #: SMTP-11 [DECISION]: at most this many MX hosts the policy allows are tried per attempt (as Exim
 #: and Postfix cap them), so a hostile MX set cannot make one attempt unbounded. The cap is applied
 #: AFTER the MTA-STS filter (issue 10 item 4): a policy-listed MX further down is still tried.
 MAX_MX_HOSTS = 10
-
-#: `MxAnswer.kind` values.
-MX = "mx"  # one or more real MX records
-NULL = "null"  # RFC 7505 null MX: the domain accepts no mail
-IMPLICIT = "implicit"  # no MX RRset; the domain itself is the single MX (SMTP-4)
-
-
-@dataclass(frozen=True)
-class MxAnswer:
-    """The outcome of an MX lookup that did not fail.
-
-    `records` are (preference, host) with the host lower-case and without a trailing dot; the root
-    (".") only appears for kind "null". Defined here rather than in `mta.net.dns` so that this pure
-    module does not import the DNS adapter; `mta.net.dns` imports it from here.
-    """
-
-    kind: str
-    records: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -229,8 +229,11 @@ class SmtpSession:
     async def _data(self, body: bytes) -> SmtpReply:
         """DATA with its three timeouts (SMTP-31): 354, each block written, final reply.
 
-        aiosmtplib's `data()` has one timeout for all of it, so the steps are spelt out with the
-        protocol's own pieces: its CRLF normaliser and dot-stuffing regex (SMTP-25).
+        aiosmtplib's public `data()` has one timeout for all of it and hands the whole body to the
+        transport without waiting (tests/integration/test_library_gaps.py), so the steps are spelt
+        out with the protocol's own pieces: its CRLF normaliser and dot-stuffing regex (SMTP-25),
+        `SMTPProtocol.write`/`read_response`, and - the one private name - the flow-control wait
+        `_drain_helper` that asyncio's StreamWriter.drain() uses too, which gives the per-block timeout.
         """
         t = self.timeouts
         resp = await self._smtp.execute_command(b"DATA", timeout=t.data_init)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from mta import idn
+
 
 class HasDomain(Protocol):
     @property
@@ -33,8 +35,8 @@ class Choice(Generic[K]):
 def _a_label(domain: str) -> str:
     domain = domain.strip().rstrip(".").lower()
     try:
-        return domain.encode("idna").decode("ascii") if not domain.isascii() else domain
-    except UnicodeError:
+        return idn.to_ascii(domain) if not domain.isascii() else domain  # IDNA 2008, mta's one rule
+    except ValueError:
         return domain
 
 

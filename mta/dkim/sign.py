@@ -66,45 +66,51 @@ def relaxed_body(body: bytes) -> bytes:
     a non-empty body ends with CRLF, an empty one is empty."""
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
-    body = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"\r\n", body))
-    body = body.replace(b" \r\n", b"\r\n")
+    if b"\t" in body or b"  " in body or b" \r\n" in body:  # most bodies need neither regex
+        body = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"\r\n", body))
+        body = body.replace(b" \r\n", b"\r\n")
     while body.endswith(b"\r\n\r\n"):
         body = body[:-2]
     return b"" if body == b"\r\n" else body
 
 
-def signed_names(fields: Sequence[tuple[bytes, bytes]], headers: Sequence[str], oversign: Sequence[str]) -> list[str]:
+def _lowered(fields: Sequence[tuple[bytes, bytes]]) -> list[str]:
+    """Each field's name in lower case ("" for lines that are not fields)."""
+    return [n.strip(b" \t").decode("ascii", "replace").lower() if n else "" for n, _ in fields]
+
+
+def signed_names(fields: Sequence[tuple[bytes, bytes]], headers: Sequence[str], oversign: Sequence[str],
+                 lowered: Sequence[str] | None = None) -> list[str]:
     """The `h=` list (lower-case): every instance of each configured header, plus one for oversigned ones."""
     present: dict[str, int] = {}
-    for name, _value in fields:
-        if name:
-            key = name.strip(b" \t").decode("ascii", "replace").lower()
+    for key in lowered if lowered is not None else _lowered(fields):
+        if key:
             present[key] = present.get(key, 0) + 1
     over = {h.lower() for h in oversign}
-    wanted = ["from"] + [h.lower() for h in headers]
     out: list[str] = []
-    for name in dict.fromkeys(wanted):  # de-duplicated, configured order
-        count = present.get(name, 0) + (1 if name in over else 0)
-        out.extend([name] * count)
+    for name in dict.fromkeys(["from", *(h.lower() for h in headers)]):  # de-duplicated, configured order
+        out.extend([name] * (present.get(name, 0) + (name in over)))
     if "from" not in out:
         out.append("from")  # RFC 6376 §5.4: From MUST be signed, even (if ever) when absent
     return out
 
 
-def _select(fields: Sequence[tuple[bytes, bytes]], names: Sequence[str]) -> list[tuple[bytes, bytes]]:
-    """RFC 6376 §5.4.2: the n-th use of a name in h= takes its n-th instance from the bottom."""
-    bottom_up: dict[str, list[tuple[bytes, bytes]]] = {}
-    for field in reversed(fields):
-        if field[0]:
-            bottom_up.setdefault(field[0].strip(b" \t").decode("ascii", "replace").lower(), []).append(field)
+def _select(fields: Sequence[tuple[bytes, bytes]], names: Sequence[str], lowered: Sequence[str]) -> list[bytes]:
+    """RFC 6376 §5.4.2: the n-th use of a name in h= takes its n-th instance from the bottom;
+    returns those fields canonicalised, each with its CRLF."""
+    bottom_up: dict[str, list[int]] = {}
+    for i in range(len(fields) - 1, -1, -1):
+        if lowered[i]:
+            bottom_up.setdefault(lowered[i], []).append(i)
     used: dict[str, int] = {}
-    out: list[tuple[bytes, bytes]] = []
+    out: list[bytes] = []
     for name in names:
         skip = used.get(name, 0)
         used[name] = skip + 1
         instances = bottom_up.get(name, ())
         if skip < len(instances):
-            out.append(instances[skip])
+            name_bytes, value = fields[instances[skip]]
+            out.append(relaxed_header(name_bytes, value) + b"\r\n")
     return out
 
 
@@ -120,18 +126,17 @@ def _fold(tokens: Sequence[str], start: str) -> str:
     return "\r\n".join(lines)
 
 
-def signature_field(key: LoadedKey, fields: Sequence[tuple[bytes, bytes]], body_hash: bytes, names: Sequence[str],
+def signature_field(key: LoadedKey, hashed_fields: bytes, body_hash: bytes, names: Sequence[str],
                     now: float) -> bytes:
-    """One complete `DKIM-Signature:` field (with CRLF) over `fields` and the body hash."""
+    """One complete `DKIM-Signature:` field (with CRLF) over the canonical signed fields and the body hash."""
     h_tokens = [f"h={names[0]}"] + [f":{n}" for n in names[1:]]
     h_tokens[-1] += ";"
     tokens = ["v=1;", f"a={key.algorithm};", "c=relaxed/relaxed;", f"d={key.domain};", f"s={key.selector};",
               f"t={int(now)};", *h_tokens, f"bh={base64.b64encode(body_hash).decode('ascii')};", "b="]
     unsigned = _fold(tokens, "DKIM-Signature:").encode("ascii")
-    hashed = b"".join(relaxed_header(n, v) + b"\r\n" for n, v in _select(fields, names))
-    # The signature field itself, with an empty b=, and without a final CRLF (RFC 6376 §3.7).
+    # The signed fields, then the signature field itself, with an empty b=, and without a final CRLF (RFC 6376 §3.7).
     name, _, value = unsigned.partition(b":")
-    hashed += relaxed_header(name, value)
+    hashed = hashed_fields + relaxed_header(name, value)
     if isinstance(key.private, ed25519.Ed25519PrivateKey):
         signature = key.private.sign(hashlib.sha256(hashed).digest())
     else:
@@ -151,5 +156,7 @@ def sign(message: bytes, keys: Sequence[LoadedKey], *, headers: Sequence[str], o
         return message
     fields, body = split or split_message(message)
     body_hash = hashlib.sha256(relaxed_body(body)).digest()
-    names = signed_names(fields, headers, oversign)
-    return b"".join(signature_field(k, fields, body_hash, names, now) for k in keys) + message
+    lowered = _lowered(fields)
+    names = signed_names(fields, headers, oversign, lowered)
+    hashed_fields = b"".join(_select(fields, names, lowered))  # the same for every key
+    return b"".join(signature_field(k, hashed_fields, body_hash, names, now) for k in keys) + message

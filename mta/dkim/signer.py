@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mta import metrics
 from mta.config import Config
 from mta.dkim import keys as keys_mod
 from mta.dkim import select, sign
@@ -66,4 +67,6 @@ class Signer:
     def _sign(self, message: bytes, keys: Sequence[LoadedKey], headers: Sequence[str], now: float,
               split: tuple[list[tuple[bytes, bytes]], bytes] | None = None) -> Signed:
         data = sign.sign(message, keys, headers=headers, oversign=self.oversign, now=now, split=split)
+        for key in keys:
+            metrics.dkim_signed(key.algorithm)  # safe from the worker thread signing runs in
         return Signed(data, " ".join(f"{k.domain}/{k.selector}" for k in keys))

@@ -10,7 +10,7 @@ and TXT: "nothing there") and nothing else is decided: ordering MX hosts is `mta
   configured servers and port, never the system ones (tests point us at a fake DNS on loopback).
 - Every lookup is bounded by `timeout` seconds in total (dnspython's `lifetime`); each try gets
   `timeout / attempts`. Truncated UDP answers are retried over TCP by dnspython.
-- Names are converted to A-labels (IDNA 2008 with UTS 46 mapping) before any query (STS-5).
+- Names are converted to A-labels (mta.idn: IDNA 2008 with UTS 46 mapping) before any query (STS-5).
 - A small positive cache honours the answer TTL up to MAX_POSITIVE_TTL; authoritative negatives are
   kept at most MAX_NEGATIVE_TTL; temporary failures are never cached.
 - Answers a remote zone controls are bounded in what they can make an attempt do: at most
@@ -37,10 +37,11 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from mta.delivery.route import IMPLICIT, MAX_MX_HOSTS, MX, NULL, MxAnswer
+from mta import idn
 from mta.errors import DnsError, DnsPermanentError, DnsTemporaryError
+from mta.model import IMPLICIT, MX, NULL, MxAnswer
 
-__all__ = ["MAX_MX_HOSTS", "AiohttpResolver", "MxAnswer", "Resolver", "to_ascii"]
+__all__ = ["AiohttpResolver", "MxAnswer", "Resolver", "to_ascii"]
 
 MAX_POSITIVE_TTL = 300.0  # seconds; a long TTL must not pin a stale MX or TXT for hours
 MAX_NEGATIVE_TTL = 5.0  # seconds; a newly published record is seen almost at once
@@ -56,14 +57,10 @@ def to_ascii(domain: str) -> str:
     Raises DnsPermanentError for a name DNS cannot carry (empty label, label over 63 octets,
     invalid U-label): no lookup of it can ever succeed.
     """
-    text = domain[:-1] if domain.endswith(".") else domain
-    if not text:
-        raise DnsPermanentError(f"invalid domain name {domain!r}: empty")
     try:
-        name = dns.name.from_text(text, origin=dns.name.root, idna_codec=dns.name.IDNA_2008_Practical)
-    except dns.exception.DNSException as exc:
-        raise DnsPermanentError(f"invalid domain name {domain!r}: {exc}") from exc
-    return name.to_text(omit_final_dot=True).lower()
+        return idn.to_ascii(domain)  # the one IDNA rule (IDNA 2008 + UTS #46, the `idna` package)
+    except ValueError as exc:
+        raise DnsPermanentError(f"invalid domain name {domain!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -103,7 +100,10 @@ class Resolver:
                 resolver.nameservers = []
         resolver.lifetime = timeout
         resolver.timeout = timeout / max(1, attempts)
-        resolver.cache = None  # ours below; dnspython's would ignore our clock and bounds
+        # Ours below: dnspython's Cache/LRUCache keep an answer for its whole TTL (no upper bound, a
+        # day-long TTL would pin an MX or an `_mta-sts` id) and read the wall clock, not an
+        # injectable one (tests/integration/test_library_gaps.py).
+        resolver.cache = None
         self._resolver = resolver
 
     @property

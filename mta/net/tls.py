@@ -46,7 +46,6 @@ BAD_PURPOSE = _FAILED + "unsuitable certificate purpose"  # X509_V_ERR_INVALID_P
 # OpenSSL's X509_PURPOSE_SSL_SERVER accepts an extendedKeyUsage only when it names serverAuth
 # (or one of the two legacy Server Gated Crypto purposes); anyExtendedKeyUsage alone is refused.
 _SERVER_PURPOSES = ("1.3.6.1.5.5.7.3.1", "2.16.840.1.113730.4.1", "1.3.6.1.4.1.311.10.3.3")
-_ENCODING_DER: int = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]  # arg of _ssl.Certificate.public_bytes
 
 
 def host_mismatch(hostname: str) -> str:
@@ -92,6 +91,10 @@ def opportunistic_context() -> ssl.SSLContext:
 def dns_id_matches(reference: str, presented: str) -> bool:
     """RFC 6125 §6.4 DNS-ID match of one presented SAN against an A-label reference name.
 
+    Our own because the report path must agree with OpenSSL (TRUST-2), and cryptography's
+    `build_server_verifier` matcher does not: it accepts `*.com` for `example.com`, which OpenSSL
+    (and ID-9) refuse - proved by tests/integration/test_library_gaps.py.
+
     ID-1 label-wise and case-insensitive; ID-3 `*` only as the whole left-most label and matching
     exactly one label; ID-4/ID-5 no partial-label wildcards (so none inside an A-label); ID-9 no
     wildcard directly over a single label (`*.com`) and no bare `*`.
@@ -110,6 +113,12 @@ def dns_id_matches(reference: str, presented: str) -> bool:
 
 
 def _load_pem_bundle(data: bytes) -> list[Any]:
+    """Every parsable certificate of a PEM bundle.
+
+    Kept beside `x509.load_pem_x509_certificates` because that refuses the WHOLE bundle when one
+    certificate in it does not parse (a CA file with one odd root would leave no trust at all);
+    proved by tests/integration/test_library_gaps.py.
+    """
     from cryptography import x509
 
     with warnings.catch_warnings():
@@ -213,14 +222,17 @@ def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
     """The DER chain the peer presented, leaf first (just the leaf where Python cannot say more).
 
     Intermediates matter: without them a chain ending in a public root would read "untrusted".
-    Python 3.13 has `get_unverified_chain()`; 3.10-3.12 have it only on the private `_sslobj`.
+    Python 3.13 has the public `SSLObject.get_unverified_chain()`; 3.11 and 3.12 have it only on
+    the private `_sslobj` (and `getpeercert` gives the leaf alone), so that is used there - both
+    proved by tests/integration/test_library_gaps.py. Certificates are turned into DER through
+    their PEM text (`ssl.PEM_cert_to_DER_cert`), the public route.
     """
     getter = getattr(ssl_object, "get_unverified_chain", None)
     if getter is None:
         getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
     if getter is not None:
         try:
-            return [c if isinstance(c, bytes) else c.public_bytes(_ENCODING_DER) for c in getter() or []]
+            return [c if isinstance(c, bytes) else ssl.PEM_cert_to_DER_cert(c.public_bytes()) for c in getter() or []]
         except (ssl.SSLError, ValueError, AttributeError, TypeError):
             pass
     leaf = ssl_object.getpeercert(binary_form=True)

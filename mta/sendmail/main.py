@@ -83,10 +83,15 @@ def notify(store: SpoolStore, meta: MessageMeta) -> None:
             control.submit(store, "new", meta.id)
 
 
-def _check_address(address: str, what: str) -> str:
+def _check_address(address: str, what: str, hostname: str) -> str:
+    """A usable envelope address; a bare local name (cron's `root`) gets `@hostname`, as Postfix's
+    append_at_myorigin does."""
+    given = address
     address = strip_source_route(address.strip())
+    if address and "@" not in address:
+        address = f"{address}@{hostname}"
     if not valid_address(address):
-        raise Exit(EX_NOUSER, f"{what} {address!r} is not a valid address")
+        raise Exit(EX_NOUSER, f"{what} {given!r} is not a valid address")
     return address
 
 
@@ -96,7 +101,7 @@ def deliver(cfg: config_mod.Config, opts: args_mod.Options, raw: bytes, store: S
     login = _login()
     sender = f"{login}@{cfg.hostname}" if opts.sender is None else opts.sender
     if sender:
-        sender = _check_address(sender, "sender")
+        sender = _check_address(sender, "sender", cfg.hostname)
     full_name = "".join(c for c in opts.full_name if c.isprintable()) if opts.full_name else None
     data, rcpts = message.prepare(raw, ignore_dots=opts.ignore_dots, extract=opts.extract,
                                   sender=sender or f"{login}@{cfg.hostname}", full_name=full_name,
@@ -105,7 +110,7 @@ def deliver(cfg: config_mod.Config, opts: args_mod.Options, raw: bytes, store: S
         raise Exit(EX_USAGE, "no recipients (give them as arguments or use -t with To:/Cc:/Bcc:)")
     if len(rcpts) > cfg.submission.max_recipients:
         raise Exit(EX_USAGE, f"too many recipients ({len(rcpts)} > submission.max_recipients)")
-    checked = tuple(_check_address(r, "recipient") for r in rcpts)
+    checked = tuple(dict.fromkeys(_check_address(r, "recipient", cfg.hostname) for r in rcpts))
     received = f"by {cfg.hostname} (mta sendmail, from userid {os.getuid()});\r\n\t{email.utils.formatdate(now)}"
     sub = Submission(sender=sender, recipients=checked, raw=data, received=received,
                      client=f"local uid {os.getuid()} ({login})",

@@ -28,6 +28,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mta import idn
 from mta.errors import StsPolicyError, StsRecordError
 
 MAX_AGE_CAP = 31557600  # RFC 8461 §3.2: max_age is at most one year (STS-49)
@@ -236,9 +237,9 @@ def _ascii_host(host: str) -> str | None:
     if not isinstance(host, str):
         return None
     if not host.isascii():
-        try:  # ID-2: compare in A-label form (stdlib IDNA 2003 codec; DNS answers are A-labels anyway)
-            host = host.encode("idna").decode("ascii")
-        except (UnicodeError, ValueError):
+        try:  # ID-2: compare in A-label form (mta.idn: IDNA 2008, as DNS queries and reports use)
+            host = idn.to_ascii(host)
+        except ValueError:
             return None
     if host.endswith("."):
         host = host[:-1]  # STS-70: DNS returns absolute names

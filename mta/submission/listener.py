@@ -10,7 +10,7 @@ Adds what aiosmtpd leaves to us, each with bounded time and memory against hosti
   after a delay growing with the earlier failures (so parallel connections do not dodge it);
 - DATA read with bounded memory: aiosmtpd 1.4.6 keeps every fragment of an over-long line (one
   endless line, or bare-LF "lines") until a CRLF arrives, so 30 MB without CRLF cost 30 MB; ours
-  drops fragments and keeps at most max_message_size;
+  drops fragments and keeps at most max_message_size (tests/integration/test_library_gaps.py);
 - aiosmtpd's own log lines carry raw client text (every command line, an unrecognised "command"
   that may be a base64 password sent after a refused AUTH): that text is redacted;
 - implicit-TLS listeners whose handshake must finish within idle_timeout.

@@ -39,6 +39,7 @@ def spawn(cfg: Config, close_fds: tuple[int, ...] = ()) -> tuple[int, int]:
     pid = os.fork()
     if pid == 0:  # child: never returns
         code = 1
+        runtime.forget_early_stop()
         try:
             os.close(read_fd)
             for fd in close_fds:
@@ -68,6 +69,7 @@ async def _child(cfg: Config, write_fd: int, parent: int) -> int:
     transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0))
     # Our counts go to the parent, which alone exports them (mta.metrics); a message's counts are
     # written before its id, so the parent never schedules mail it has not counted yet.
+    metrics.set_enabled(bool(cfg.http.listen))
     metrics.forward_to(lambda line: transport.write(line.encode()))
 
     def accepted(meta: MessageMeta) -> None:

@@ -28,6 +28,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
 
+from mta import idn
+
 #: The "STARTTLS Validation Result Types" registry of RFC 8460 §6.6 (RPT-15).
 RESULT_TYPES: frozenset[str] = frozenset({
     "starttls-not-supported",
@@ -104,8 +106,8 @@ def _a_label(value: str, what: str, *, wildcard: bool = False) -> str:
         prefix, name = "*.", name[2:]
     if not name.isascii():
         try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError as exc:
+            name = idn.to_ascii(name)  # IDNA 2008, as the DNS queries and the policy match use
+        except ValueError as exc:
             raise ValueError(f"{what} is not a domain name: {value!r}") from exc
     if not _DOMAIN.fullmatch(name):
         raise ValueError(f"{what} is not a domain name: {value!r}")

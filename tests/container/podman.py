@@ -84,8 +84,12 @@ class Container:
 
     def stop(self) -> int:
         """`podman stop` (SIGTERM, the image's STOPSIGNAL); returns the container's exit code."""
+        t0 = time.monotonic()
         podman("stop", "--time", "25", self.id)
-        return int(self.inspect("{{.State.ExitCode}}"))
+        code = int(self.inspect("{{.State.ExitCode}}"))
+        if code != 0:  # shown by pytest with the failing assertion
+            print(f"podman stop took {time.monotonic() - t0:.1f} s, exit {code}; log:\n{self.logs()[-5000:]}")
+        return code
 
 
 @contextlib.contextmanager

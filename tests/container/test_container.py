@@ -114,19 +114,14 @@ def test_ctr_1_5_image_is_non_root_with_healthcheck_and_valid_config() -> None:
     assert "$MTA_RELAY_NETWORKS: submission.relay_networks[0]: 'everyone' is not a network" in bad.stderr
 
 
-def has_sendmail() -> bool:
-    return "sendmail" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-
-
-def test_ctr_8_sendmail_is_linked_when_the_package_has_it() -> None:
-    if not has_sendmail():
-        pytest.skip("no `sendmail` console script in pyproject.toml yet (issue 12)")
+def test_ctr_8_sendmail_is_linked_to_the_package_script() -> None:
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["sendmail"]
     r = podman("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c",
                "test -x /usr/sbin/sendmail && readlink /usr/sbin/sendmail")
     assert r.stdout.strip() == "/opt/mta/bin/sendmail"
 
 
-def test_ctr_1_2_6_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(world: tuple[FakeDns, FakeMx]) -> None:
+def test_ctr_1_2_6_8_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(world: tuple[FakeDns, FakeMx]) -> None:
     dns_server, mx = world
     http_port = free_port()
     with quick_start({"MTA_NAMESERVERS": dns_server.host}, http_port=http_port) as (box, port):
@@ -140,12 +135,11 @@ def test_ctr_1_2_6_readme_quick_start_delivers_from_the_host_to_a_loopback_mx(wo
         assert b"hello through the container" in got.data
         # MTA_HOSTNAME from the README is the EHLO name the MX saw.
         assert mx.sessions[0].ehlo_names == ["relay.example.org"]
-        if has_sendmail():
-            # An application inside the container: /usr/sbin/sendmail -t -i, as cron or PHP call it.
-            sent = box.exec("/usr/sbin/sendmail", "-t", "-i", stdin=message("other@example.test").as_string())
-            assert sent.returncode == 0, sent.stderr
-            got = mx.wait_for_messages_blocking(2, timeout=15)[1]
-            assert got.rcpt_tos == ["other@example.test"]
+        # An application inside the container: /usr/sbin/sendmail -t -i, as cron or PHP call it.
+        sent = box.exec("/usr/sbin/sendmail", "-t", "-i", stdin=message("other@example.test").as_string())
+        assert sent.returncode == 0, sent.stderr
+        got = mx.wait_for_messages_blocking(2, timeout=15)[1]
+        assert got.rcpt_tos == ["other@example.test"]
         # The MX's 250 comes before mta's state write: give the spool a moment to drain.
         deadline = time.monotonic() + 10
         while "Mail queue is empty" not in (listing := box.exec("mta", "queue", "list").stdout):

@@ -10,6 +10,8 @@ requests get a 4xx with a JSON error, never a 500.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +62,27 @@ def test_ops_4_readyz_503_while_the_spool_is_full_then_200(tmp_path: Path) -> No
             assert value(samples, "mta_messages_rejected_total", code="452") == 1
         finally:
             relay.kill()
+
+
+def test_ops_4_readyz_names_a_listener_that_does_not_answer(tmp_path: Path) -> None:
+    """A stopped listener process still completes TCP handshakes (the kernel does): readiness
+    waits for its greeting, so it is reported, and ready again once the process runs."""
+    relay, base = start(tmp_path)
+    try:
+        [started] = relay.wait_event("started")
+        child = started["submission_pid"]
+        os.kill(child, signal.SIGSTOP)
+        try:
+            status, body = get_json(base, "/readyz")
+            assert status == 503, body
+            [problem] = body["problems"]
+            listen = relay.data["submission"]["listen"][0]
+            assert problem == {"check": "listener", "error": f"listener {listen} did not greet within 3s"}
+        finally:
+            os.kill(child, signal.SIGCONT)
+        assert get_json(base, "/readyz") == (200, {"status": "ready"})
+    finally:
+        relay.kill()
 
 
 def test_ops_5_api_refuses_missing_or_wrong_token(tmp_path: Path) -> None:

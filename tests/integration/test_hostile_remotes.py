@@ -28,7 +28,7 @@ import dns.flags
 import dns.message
 import pytest
 
-from mta.net.dns import MAX_MX_HOSTS
+from mta.delivery.route import MAX_MX_HOSTS
 from tests.support.loop_thread import LoopThread
 from tests.support.policy_server import make_padded_policy
 from tests.support.relay import RelayProcess, base_config, deep_merge, free_port, run_cli, write_config

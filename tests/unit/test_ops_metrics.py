@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mta import metrics
+from mta import config, metrics
+from mta.errors import ConfigError
 from mta.http.server import check_token, token_required
 from mta.spool.store import id_created, new_id
 
@@ -94,3 +95,29 @@ def test_ops_5_token_rules() -> None:
     for header in (None, "", "Bearer", f"Basic {token}", "Bearer wrong", f"Bearer {token}0", "Bearer é"):
         error = check_token(header, token, True)
         assert error is not None and error.status == 401, header
+
+
+@pytest.mark.parametrize(("http", "message"), [
+    ({"listen": "localhost:8025"}, "<config>: http.listen: 'localhost:8025' is not an IP:port address"),
+    ({"listen": "127.0.0.1"}, "<config>: http.listen: '127.0.0.1' is not an IP:port address"),
+    ({"admin_token": "short-secret"}, "<config>: http.admin_token: must be at least 16 printable characters"),
+    ({"admin_token": "a secret with spaces in it"}, "<config>: http.admin_token: must be at least 16 printable"),
+])
+def test_ops_5_http_config_errors_name_the_key_never_the_token(http: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.from_dict({"http": http})
+    assert str(info.value).startswith(message)
+    if "admin_token" in http:
+        assert http["admin_token"] not in str(info.value)
+
+
+def test_ops_1_counting_is_off_without_the_endpoint() -> None:
+    before = sample("mta_dkim_signatures_total", algorithm="ed25519-sha256")
+    metrics.set_enabled(False)
+    try:
+        metrics.dkim_signed("ed25519-sha256")
+    finally:
+        metrics.set_enabled(True)
+    assert sample("mta_dkim_signatures_total", algorithm="ed25519-sha256") == before
+    metrics.dkim_signed("ed25519-sha256")
+    assert sample("mta_dkim_signatures_total", algorithm="ed25519-sha256") == before + 1
