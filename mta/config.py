@@ -157,6 +157,15 @@ class TlsRptConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several relays sharing one PostgreSQL (issue 15); empty `database` = one node on SQLite."""
+
+    database: str = ""  # postgresql://user@host:port/db; never logged with its password
+    node_name: str = ""  # empty = the host name; unique per node
+    heartbeat_interval: float = field(default=5.0, metadata=_meta("duration"))
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     listen: str = ""  # host:port of the operations endpoint (metrics, health, queue API); empty = off
     admin_token: str = ""  # Bearer token for /api; required off loopback, and enforced whenever set
@@ -179,6 +188,7 @@ class Config:
     dane: DaneConfig = field(default_factory=DaneConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -355,6 +365,7 @@ def _validate(cfg: Config) -> None:
             _fail(src, key, f"{value!r} is not an IPv{version} address")
     for name, mode in cfg.mta_sts.overrides.items():
         _check_override(src, f"mta_sts.overrides.{name}", mode)
+    _validate_cluster(cfg.cluster, src)
     if cfg.http.listen:
         try:
             host, _ = parse_hostport(cfg.http.listen)
@@ -375,6 +386,16 @@ def _validate(cfg: Config) -> None:
         _fail(src, "tlsrpt.contact_info", "contact_info and report_sender are required when enabled")
     for key, msg in validate_dkim(cfg.dkim, cfg.tlsrpt.enabled, cfg.tlsrpt.contact_info):
         _fail(src, key, msg)  # the first problem only, like every other check here
+
+
+def _validate_cluster(c: ClusterConfig, src: str) -> None:
+    # Only the form here; whether the server answers is found out (and retried) at start.
+    if c.database and not re.match(r"^postgres(ql)?://[^\s]*\Z", c.database):
+        _fail(src, "cluster.database", "must be empty or a postgresql:// URL")
+    if c.node_name and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", c.node_name):
+        _fail(src, "cluster.node_name", f"{c.node_name!r} is not a node name (letters, digits, . _ -; up to 64)")
+    if c.heartbeat_interval < 0.1:
+        _fail(src, "cluster.heartbeat_interval", "must be at least 100ms")
 
 
 def _check_override(src: str, key: str, value: str) -> None:
@@ -457,6 +478,8 @@ ENV_KEYS: dict[str, str] = {
     "MTA_RELAYHOST": "delivery.relayhost",
     "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
     "MTA_NAMESERVERS": "dns.nameservers",
+    "MTA_CLUSTER_DATABASE": "cluster.database",  # issue 15: one image, every node on the same database
+    "MTA_NODE_NAME": "cluster.node_name",  # e.g. the pod name of a StatefulSet
     "MTA_HTTP_LISTEN": "http.listen",
 }
 _ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
