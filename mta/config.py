@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
 import re
 import tomllib
 import typing
@@ -19,39 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mta.errors import ConfigError, MtaError
-
-# ASCII digits only (`\d` would also take "٣٠s"), and \Z rather than $ (which allows a final "\n").
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)\Z")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE = re.compile(r"^([0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\Z", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-
-
-def parse_duration(text: str) -> float:
-    """"30s" -> 30.0; raises ValueError. Units: ms, s, m, h, d."""
-    m = _DURATION.match(text.strip())
-    value = float(m.group(1)) * _DURATION_UNITS[m.group(2)] if m else math.nan
-    if not math.isfinite(value):
-        # float() turns 400 nines into inf instead of failing; an infinite timeout is not a duration.
-        raise ValueError(f"\"{text}\" is not a duration (use e.g. 30s, 5m, 1h, 5d)")
-    return value
-
-
-def parse_size(text: str) -> int:
-    """"25MB" -> 25000000; raises ValueError. Units: B, KB, MB, GB (SI) and KiB, MiB, GiB."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise ValueError(f"\"{text}\" is not a size (use e.g. 512KB, 25MB)")
-    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """"127.0.0.1:2525" or "[::1]:2525" -> (host, port); raises ValueError."""
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:([0-9]{1,5})", text) or re.fullmatch(r"([^:\[\]\s]+):([0-9]{1,5})", text)
-    if not m or not 0 <= int(m.group(2)) < 65536:
-        raise ValueError(f"{text!r} is not host:port")
-    return m.group(1), int(m.group(2))
+from mta.config_values import check_override, parse_duration, parse_hostport, parse_size
+from mta.errors import ConfigError
 
 
 def _meta(kind: str) -> dict[str, str]:
@@ -368,7 +336,7 @@ def _validate(cfg: Config) -> None:
         except ValueError:
             _fail(src, key, f"{value!r} is not an IPv{version} address")
     for name, mode in cfg.mta_sts.overrides.items():
-        _check_override(src, f"mta_sts.overrides.{name}", mode)
+        check_override(src, f"mta_sts.overrides.{name}", mode)
     if cfg.http.listen:
         try:
             host, _ = parse_hostport(cfg.http.listen)
@@ -432,43 +400,6 @@ def _validate_dkim(cfg: Config) -> None:
         if reporting and dkim_key_for(dk.keys, reporting) is None:
             _fail(src, "dkim.keys", f"no key signs for the TLS reporting domain {reporting!r} (tlsrpt.contact_info); "
                   "RFC 8460 §5.3 requires report mails to be DKIM-signed: add a [[dkim.keys]] table for it")
-
-
-def _check_override(src: str, key: str, value: str) -> None:
-    """Issue 10 item 9 decision: an override is "none" or a complete policy text.
-
-    A bare "testing"/"enforce" names no `mx` patterns, so it cannot be a policy (RFC 8461 §3.2
-    needs at least one for those modes); rather than guess (the published policy with another
-    mode would depend on the very discovery an override exists to replace), it is refused here,
-    so check-config and serve agree.
-    """
-    from mta.sts.policy import parse_policy  # pure (no I/O): imported late to keep config at the bottom
-
-    if value == "none":
-        return
-    if value in ("testing", "enforce"):
-        _fail(src, key, f"{value!r} needs mx patterns: write the whole policy, e.g. "
-                        f"\"version: STSv1\\nmode: {value}\\nmx: mx.example.org\\nmax_age: 86400\\n\"")
-    if not value.startswith("version: STSv1"):
-        _fail(src, key, f"{value!r} must be none or a policy text (starting with \"version: STSv1\")")
-    try:
-        parse_policy(value.encode("utf-8", "surrogateescape"))
-    except MtaError as exc:
-        _fail(src, key, f"invalid policy: {exc}")
-
-
-def warnings(cfg: Config) -> list[str]:
-    """Accepted but risky settings: check-config prints them, serve logs them at start."""
-    out = []
-    d = cfg.delivery
-    if d.relayhost and d.relayhost_username and d.relayhost_tls == "may":
-        # Issue 10 item 6 decision: a warning, not an error - credentials still never travel
-        # in plaintext (the session defers instead), but an unverified certificate lets an
-        # active attacker pose as the smart host and collect them.
-        out.append(f"{cfg.source}: delivery.relayhost_tls: \"may\" with relayhost_username sends the "
-                   "password to any host that answers with TLS (certificate not verified); plaintext "
-                   "sessions defer instead; use \"verify\"")
-    return out
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
