@@ -79,4 +79,7 @@ def warnings(cfg: Config) -> list[str]:
         out.append(f"{cfg.source}: delivery.relayhost_tls: \"may\" with relayhost_username sends the "
                    "password to any host that answers with TLS (certificate not verified); plaintext "
                    "sessions defer instead; use \"verify\"")
+    from mta.dane.trust import resolver_warnings  # DANE: a resolver whose AD bit cannot be trusted
+
+    out.extend(f"{cfg.source}: {w}" for w in resolver_warnings(cfg))
     return out
