@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mta.config_env import ENV_KEYS, apply_env, env_applied, env_overrides
 from mta.config_values import check_override, parse_duration, parse_hostport, parse_size
 from mta.errors import ConfigError
+
+__all__ = ["ENV_KEYS", "Config", "env_applied", "env_overrides", "from_dict", "load", "parse_duration",
+           "parse_hostport", "parse_size"]
 
 
 def _meta(kind: str) -> dict[str, str]:
@@ -146,6 +150,15 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several relays sharing one PostgreSQL (issue 15); empty `database` = one node on SQLite."""
+
+    database: str = ""  # postgresql://user@host:port/db; never logged with its password
+    node_name: str = ""  # empty = the host name; unique per node
+    heartbeat_interval: float = field(default=5.0, metadata=_meta("duration"))
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     listen: str = ""  # host:port of the operations endpoint (metrics, health, queue API); empty = off
     admin_token: str = ""  # Bearer token for /api; required off loopback, and enforced whenever set
@@ -168,6 +181,7 @@ class Config:
     dane: DaneConfig = field(default_factory=DaneConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -344,6 +358,7 @@ def _validate(cfg: Config) -> None:
             _fail(src, key, f"{value!r} is not an IPv{version} address")
     for name, mode in cfg.mta_sts.overrides.items():
         check_override(src, f"mta_sts.overrides.{name}", mode)
+    _validate_cluster(cfg.cluster, src)
     if cfg.http.listen:
         try:
             host, _ = parse_hostport(cfg.http.listen)
@@ -409,6 +424,16 @@ def _validate_dkim(cfg: Config) -> None:
                   "RFC 8460 §5.3 requires report mails to be DKIM-signed: add a [[dkim.keys]] table for it")
 
 
+def _validate_cluster(c: ClusterConfig, src: str) -> None:
+    # Only the form here; whether the server answers is found out (and retried) at start.
+    if c.database and not re.match(r"^postgres(ql)?://[^\s]*\Z", c.database):
+        _fail(src, "cluster.database", "must be empty or a postgresql:// URL")
+    if c.node_name and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", c.node_name):
+        _fail(src, "cluster.node_name", f"{c.node_name!r} is not a node name (letters, digits, . _ -; up to 64)")
+    if c.heartbeat_interval < 0.1:
+        _fail(src, "cluster.heartbeat_interval", "must be at least 100ms")
+
+
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; raises ConfigError with one clear line.
 
@@ -427,7 +452,7 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
         # tomllib; RecursionError comes from deeply nested arrays ("a = [[[[...").
         raise ConfigError(_one_line(f"{src}: invalid TOML: {exc}")) from None
     if environ is not None:
-        data = _apply_env(data, env_overrides(environ))
+        data = apply_env(data, env_overrides(environ))
     return from_dict(data, src, p.parent.resolve())
 
 
@@ -437,55 +462,3 @@ def from_dict(data: dict[str, Any], src: str = "<config>", base: Path | None = N
     cfg = dataclasses.replace(cfg, source=src)
     _validate(cfg)
     return cfg
-
-
-# Environment variables for the keys every deployment changes, so an orchestrator need not write a
-# file (issue 19, the container image). They are applied after the TOML load and win over the
-# file; documented beside their keys in config.example.toml. List values are comma-separated.
-ENV_KEYS: dict[str, str] = {
-    "MTA_HOSTNAME": "hostname",
-    "MTA_LISTEN": "submission.listen",
-    "MTA_RELAY_NETWORKS": "submission.relay_networks",
-    "MTA_RELAYHOST": "delivery.relayhost",
-    "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
-    "MTA_NAMESERVERS": "dns.nameservers",
-    "MTA_HTTP_LISTEN": "http.listen",
-}
-_ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
-
-
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """TOML-shaped data from the ENV_KEYS variables that are set (an empty value counts as set).
-
-    Each variable is validated on its own first, so a bad value names the variable and the key:
-    `$MTA_RELAY_NETWORKS: submission.relay_networks[0]: '10.0.0.0/33' is not a network`.
-    """
-    out: dict[str, Any] = {}
-    for var, key in ENV_KEYS.items():
-        if var not in environ:
-            continue
-        raw = environ[var].strip()
-        value: Any = [x for x in re.split(r"[,\s]+", raw) if x] if key in _ENV_LISTS else raw
-        section, _, name = key.rpartition(".")
-        piece = {section: {name: value}} if section else {name: value}
-        from_dict(piece, f"${var}")
-        out = _apply_env(out, piece)
-    return out
-
-
-def env_applied(environ: Mapping[str, str]) -> list[str]:
-    """The ENV_KEYS variables that are set, for `mta check-config` to show what overrode the file."""
-    return [var for var in ENV_KEYS if var in environ]
-
-
-def _apply_env(data: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(data)
-    for name, value in over.items():
-        if not isinstance(value, dict):
-            out[name] = value
-        elif name not in out:
-            out[name] = dict(value)
-        elif isinstance(out[name], dict):
-            out[name] = {**out[name], **value}
-        # else: the file has a non-table there; leave it so the error names the file's key.
-    return out
