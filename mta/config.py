@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mta.config_dkim import DKIM_ALGORITHMS, DkimConfig, DkimKeyConfig, dkim_key_for, validate_dkim  # noqa: F401
 from mta.config_env import ENV_KEYS, apply_env, env_applied, env_overrides
 from mta.config_values import check_override, parse_duration, parse_hostport, parse_size
 from mta.errors import ConfigError
@@ -125,28 +126,6 @@ class TlsRptConfig:
     max_random_delay: float = field(default=4 * 3600.0, metadata=_meta("duration"))
     record_all_sessions: bool = False
     db_path: str = field(default="queue/tlsrpt.db", metadata=_meta("path"))
-
-
-DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
-
-
-@dataclass(frozen=True)
-class DkimKeyConfig:
-    """One `[[dkim.keys]]` table: signs mail whose From: domain is `domain` or below it."""
-
-    domain: str = ""
-    selector: str = ""
-    key_file: str = field(default="", metadata=_meta("path"))
-    algorithm: str = "rsa-sha256"
-
-
-@dataclass(frozen=True)
-class DkimConfig:
-    enabled: bool = False
-    headers: tuple[str, ...] = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "In-Reply-To",
-                                "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding")
-    oversign: tuple[str, ...] = ("From", "Subject", "Date", "To", "Cc")
-    keys: tuple[DkimKeyConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -377,51 +356,8 @@ def _validate(cfg: Config) -> None:
         _fail(src, "tlsrpt.send_hour_utc", f"{cfg.tlsrpt.send_hour_utc} is not an hour 0-23")
     if cfg.tlsrpt.enabled and not (cfg.tlsrpt.contact_info and cfg.tlsrpt.report_sender):
         _fail(src, "tlsrpt.contact_info", "contact_info and report_sender are required when enabled")
-    _validate_dkim(cfg)
-
-
-_DKIM_DOMAIN = re.compile(r"^(?=.{1,253}\Z)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
-                          r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-_HEADER_FIELD_NAME = re.compile(r"^[!-9;-~]+\Z")
-
-
-def dkim_key_for(keys: tuple[DkimKeyConfig, ...], domain: str) -> DkimKeyConfig | None:
-    """The key whose domain is `domain` or its closest parent (None: no key covers it)."""
-    domain = domain.lower().rstrip(".")
-    covering = [k for k in keys if domain == k.domain.lower() or domain.endswith("." + k.domain.lower())]
-    return max(covering, key=lambda k: len(k.domain), default=None)
-
-
-def _validate_dkim(cfg: Config) -> None:
-    """Shape of [dkim]; the key files themselves are checked by mta.dkim.keys (check-config, serve)."""
-    src, dk = cfg.source, cfg.dkim
-    for name, items in (("headers", dk.headers), ("oversign", dk.oversign)):
-        for i, item in enumerate(items):
-            if not _HEADER_FIELD_NAME.match(item):
-                _fail(src, f"dkim.{name}[{i}]", f"{item!r} is not a header field name")
-    seen: set[tuple[str, str]] = set()
-    for i, key in enumerate(dk.keys):
-        where = f"dkim.keys[{i}]"
-        if not _DKIM_DOMAIN.match(key.domain):
-            _fail(src, f"{where}.domain", f"{key.domain!r} is not a domain name (A-labels)")
-        if not _DKIM_DOMAIN.match(key.selector):
-            _fail(src, f"{where}.selector", f"{key.selector!r} is not a selector (RFC 6376 §3.1)")
-        if not key.key_file:
-            _fail(src, f"{where}.key_file", "a PEM private key file is required")
-        if key.algorithm not in DKIM_ALGORITHMS:
-            _fail(src, f"{where}.algorithm", f"{key.algorithm!r} must be \"rsa-sha256\" or \"ed25519-sha256\"")
-        if (key.domain.lower(), key.selector.lower()) in seen:
-            _fail(src, f"{where}.selector", f"{key.selector}._domainkey.{key.domain} is configured twice")
-        seen.add((key.domain.lower(), key.selector.lower()))
-    if dk.enabled and not dk.keys:
-        _fail(src, "dkim.keys", "dkim.enabled is true but no [[dkim.keys]] table is configured")
-    if cfg.tlsrpt.enabled:
-        # RFC 8460 §5.3 (RPT-18): a report sent by mail MUST carry a DKIM signature of the reporting
-        # domain; rua=mailto: targets are only known at send time, so demand the key up front.
-        _local, _, reporting = cfg.tlsrpt.contact_info.removeprefix("mailto:").strip("<>").rpartition("@")
-        if reporting and dkim_key_for(dk.keys, reporting) is None:
-            _fail(src, "dkim.keys", f"no key signs for the TLS reporting domain {reporting!r} (tlsrpt.contact_info); "
-                  "RFC 8460 §5.3 requires report mails to be DKIM-signed: add a [[dkim.keys]] table for it")
+    for key, msg in validate_dkim(cfg.dkim, cfg.tlsrpt.enabled, cfg.tlsrpt.contact_info):
+        _fail(src, key, msg)  # the first problem only, like every other check here
 
 
 def _validate_cluster(c: ClusterConfig, src: str) -> None:
