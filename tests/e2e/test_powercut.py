@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_lazyfs import require_fuse
+from tests.support.powercut import require_fuse
 from tests.support.soak import run_soak
 
 
