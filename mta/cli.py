@@ -1,7 +1,7 @@
 """Command-line interface: parses arguments, formats output and exit codes; no business logic.
 
     mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
-        | dkim keygen|check | sendmail
+        | dkim keygen|check | sendmail | cluster status
 Every command takes --config F (default: $MTA_CONFIG, else config.toml). Exit codes: 0 ok, 1 error, 2 usage.
 """
 
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mta.cli_tlsrpt import add_tlsrpt_parser
 
     add_tlsrpt_parser(sub, common)
+    from mta.cli_cluster import add_cluster_parser
+
+    add_cluster_parser(sub, common)
     from mta.cli_dkim import add_dkim_parser
 
     add_dkim_parser(sub, common)

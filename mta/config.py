@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mta.config_dkim import DKIM_ALGORITHMS, DkimConfig, DkimKeyConfig, dkim_key_for, validate_dkim  # noqa: F401
 from mta.errors import ConfigError, MtaError
 
 # ASCII digits only (`\d` would also take "٣٠s"), and \Z rather than $ (which allows a final "\n").
@@ -119,6 +120,12 @@ class DnsConfig:
     nameservers: tuple[str, ...] = ()
     port: int = 53
     timeout: float = field(default=5.0, metadata=_meta("duration"))
+    dnssec: bool = False  # the nameservers validate DNSSEC and their AD bit is trusted (DANE-1)
+
+
+@dataclass(frozen=True)
+class DaneConfig:
+    enabled: bool = True  # effective only with dns.dnssec = true (RFC 7672)
 
 
 @dataclass(frozen=True)
@@ -149,26 +156,13 @@ class TlsRptConfig:
     db_path: str = field(default="queue/tlsrpt.db", metadata=_meta("path"))
 
 
-DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
-
-
 @dataclass(frozen=True)
-class DkimKeyConfig:
-    """One `[[dkim.keys]]` table: signs mail whose From: domain is `domain` or below it."""
+class ClusterConfig:
+    """Several relays sharing one PostgreSQL (issue 15); empty `database` = one node on SQLite."""
 
-    domain: str = ""
-    selector: str = ""
-    key_file: str = field(default="", metadata=_meta("path"))
-    algorithm: str = "rsa-sha256"
-
-
-@dataclass(frozen=True)
-class DkimConfig:
-    enabled: bool = False
-    headers: tuple[str, ...] = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "In-Reply-To",
-                                "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding")
-    oversign: tuple[str, ...] = ("From", "Subject", "Date", "To", "Cc")
-    keys: tuple[DkimKeyConfig, ...] = ()
+    database: str = ""  # postgresql://user@host:port/db; never logged with its password
+    node_name: str = ""  # empty = the host name; unique per node
+    heartbeat_interval: float = field(default=5.0, metadata=_meta("duration"))
 
 
 @dataclass(frozen=True)
@@ -191,8 +185,10 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    dane: DaneConfig = field(default_factory=DaneConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -369,6 +365,7 @@ def _validate(cfg: Config) -> None:
             _fail(src, key, f"{value!r} is not an IPv{version} address")
     for name, mode in cfg.mta_sts.overrides.items():
         _check_override(src, f"mta_sts.overrides.{name}", mode)
+    _validate_cluster(cfg.cluster, src)
     if cfg.http.listen:
         try:
             host, _ = parse_hostport(cfg.http.listen)
@@ -387,51 +384,18 @@ def _validate(cfg: Config) -> None:
         _fail(src, "tlsrpt.send_hour_utc", f"{cfg.tlsrpt.send_hour_utc} is not an hour 0-23")
     if cfg.tlsrpt.enabled and not (cfg.tlsrpt.contact_info and cfg.tlsrpt.report_sender):
         _fail(src, "tlsrpt.contact_info", "contact_info and report_sender are required when enabled")
-    _validate_dkim(cfg)
+    for key, msg in validate_dkim(cfg.dkim, cfg.tlsrpt.enabled, cfg.tlsrpt.contact_info):
+        _fail(src, key, msg)  # the first problem only, like every other check here
 
 
-_DKIM_DOMAIN = re.compile(r"^(?=.{1,253}\Z)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
-                          r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-_HEADER_FIELD_NAME = re.compile(r"^[!-9;-~]+\Z")
-
-
-def dkim_key_for(keys: tuple[DkimKeyConfig, ...], domain: str) -> DkimKeyConfig | None:
-    """The key whose domain is `domain` or its closest parent (None: no key covers it)."""
-    domain = domain.lower().rstrip(".")
-    covering = [k for k in keys if domain == k.domain.lower() or domain.endswith("." + k.domain.lower())]
-    return max(covering, key=lambda k: len(k.domain), default=None)
-
-
-def _validate_dkim(cfg: Config) -> None:
-    """Shape of [dkim]; the key files themselves are checked by mta.dkim.keys (check-config, serve)."""
-    src, dk = cfg.source, cfg.dkim
-    for name, items in (("headers", dk.headers), ("oversign", dk.oversign)):
-        for i, item in enumerate(items):
-            if not _HEADER_FIELD_NAME.match(item):
-                _fail(src, f"dkim.{name}[{i}]", f"{item!r} is not a header field name")
-    seen: set[tuple[str, str]] = set()
-    for i, key in enumerate(dk.keys):
-        where = f"dkim.keys[{i}]"
-        if not _DKIM_DOMAIN.match(key.domain):
-            _fail(src, f"{where}.domain", f"{key.domain!r} is not a domain name (A-labels)")
-        if not _DKIM_DOMAIN.match(key.selector):
-            _fail(src, f"{where}.selector", f"{key.selector!r} is not a selector (RFC 6376 §3.1)")
-        if not key.key_file:
-            _fail(src, f"{where}.key_file", "a PEM private key file is required")
-        if key.algorithm not in DKIM_ALGORITHMS:
-            _fail(src, f"{where}.algorithm", f"{key.algorithm!r} must be \"rsa-sha256\" or \"ed25519-sha256\"")
-        if (key.domain.lower(), key.selector.lower()) in seen:
-            _fail(src, f"{where}.selector", f"{key.selector}._domainkey.{key.domain} is configured twice")
-        seen.add((key.domain.lower(), key.selector.lower()))
-    if dk.enabled and not dk.keys:
-        _fail(src, "dkim.keys", "dkim.enabled is true but no [[dkim.keys]] table is configured")
-    if cfg.tlsrpt.enabled:
-        # RFC 8460 §5.3 (RPT-18): a report sent by mail MUST carry a DKIM signature of the reporting
-        # domain; rua=mailto: targets are only known at send time, so demand the key up front.
-        _local, _, reporting = cfg.tlsrpt.contact_info.removeprefix("mailto:").strip("<>").rpartition("@")
-        if reporting and dkim_key_for(dk.keys, reporting) is None:
-            _fail(src, "dkim.keys", f"no key signs for the TLS reporting domain {reporting!r} (tlsrpt.contact_info); "
-                  "RFC 8460 §5.3 requires report mails to be DKIM-signed: add a [[dkim.keys]] table for it")
+def _validate_cluster(c: ClusterConfig, src: str) -> None:
+    # Only the form here; whether the server answers is found out (and retried) at start.
+    if c.database and not re.match(r"^postgres(ql)?://[^\s]*\Z", c.database):
+        _fail(src, "cluster.database", "must be empty or a postgresql:// URL")
+    if c.node_name and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z", c.node_name):
+        _fail(src, "cluster.node_name", f"{c.node_name!r} is not a node name (letters, digits, . _ -; up to 64)")
+    if c.heartbeat_interval < 0.1:
+        _fail(src, "cluster.heartbeat_interval", "must be at least 100ms")
 
 
 def _check_override(src: str, key: str, value: str) -> None:
@@ -468,6 +432,9 @@ def warnings(cfg: Config) -> list[str]:
         out.append(f"{cfg.source}: delivery.relayhost_tls: \"may\" with relayhost_username sends the "
                    "password to any host that answers with TLS (certificate not verified); plaintext "
                    "sessions defer instead; use \"verify\"")
+    from mta.dane.trust import resolver_warnings  # late, as parse_policy above: config stays at the bottom
+
+    out.extend(f"{cfg.source}: {w}" for w in resolver_warnings(cfg))
     return out
 
 
@@ -511,6 +478,8 @@ ENV_KEYS: dict[str, str] = {
     "MTA_RELAYHOST": "delivery.relayhost",
     "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
     "MTA_NAMESERVERS": "dns.nameservers",
+    "MTA_CLUSTER_DATABASE": "cluster.database",  # issue 15: one image, every node on the same database
+    "MTA_NODE_NAME": "cluster.node_name",  # e.g. the pod name of a StatefulSet
     "MTA_HTTP_LISTEN": "http.listen",
 }
 _ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
