@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mta.testing.world import World
+from tests.support.postgres import own_pg, pg_server, pg_url
+
+__all__ = ["own_pg", "pg_server", "pg_url"]  # PostgreSQL for the cluster tests (issue 15)
 
 
 @pytest.fixture
