@@ -14,7 +14,7 @@ from mta.scheduler import Scheduler
 from mta.spool.store import SpoolStore
 
 
-async def test_sched_1_rescheduled_while_in_flight_runs_again(tmp_path: Path) -> None:
+async def test_dlv_3_rescheduled_while_in_flight_runs_again(tmp_path: Path) -> None:
     store = SpoolStore(tmp_path / "q")
     store.prepare()
     calls: list[float] = []
@@ -51,7 +51,7 @@ async def test_sched_1_rescheduled_while_in_flight_runs_again(tmp_path: Path) ->
         await asyncio.wait_for(runner, 5)
 
 
-async def test_sched_1_deferred_message_keeps_its_retry(tmp_path: Path) -> None:
+async def test_dlv_3_deferred_message_keeps_its_retry(tmp_path: Path) -> None:
     store = SpoolStore(tmp_path / "q")
     store.prepare()
     nxt = time.time() + 3600

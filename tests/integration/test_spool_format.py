@@ -30,7 +30,7 @@ def write_old_format(store: SpoolStore, meta: MessageMeta, data: bytes) -> None:
     (store.msg / f"{meta.id}.json").write_text(json.dumps(meta.to_json()))
 
 
-def test_spool_18_put_writes_one_file_and_recovers_it(tmp_path: Path) -> None:
+def test_pwr_3_put_writes_one_file_and_recovers_it(tmp_path: Path) -> None:
     store = new_store(tmp_path)
     data = b"Subject: x\r\n\r\nline one\nline two\r\n{\"not\": \"json\"}\r\n"
     meta = make_meta(sender="s@a.test", recipients=["r@b.test", "q@c.test"], data=data)
@@ -42,7 +42,7 @@ def test_spool_18_put_writes_one_file_and_recovers_it(tmp_path: Path) -> None:
     assert store.ids() == [meta.id] and store.exists(meta.id)
 
 
-def test_spool_18_update_overrides_the_envelope_and_remove_leaves_nothing(tmp_path: Path) -> None:
+def test_pwr_3_update_overrides_the_envelope_and_remove_leaves_nothing(tmp_path: Path) -> None:
     store = new_store(tmp_path)
     meta = make_meta(sender="s@a.test", recipients=["r@b.test"], data=b"x")
     store.put_sync(meta, b"x")
@@ -57,7 +57,7 @@ def test_spool_18_update_overrides_the_envelope_and_remove_leaves_nothing(tmp_pa
     assert list(store.msg.iterdir()) == [] and not store.exists(meta.id)
 
 
-def test_spool_18_old_two_file_spool_still_loads_updates_and_drains(tmp_path: Path) -> None:
+def test_pwr_3_old_two_file_spool_still_loads_updates_and_drains(tmp_path: Path) -> None:
     store = new_store(tmp_path)
     old = make_meta(sender="s@a.test", recipients=["r@b.test"], data=b"old data\r\n")
     new = make_meta(sender="s@a.test", recipients=["r@b.test"], data=b"new data\r\n")
@@ -73,7 +73,7 @@ def test_spool_18_old_two_file_spool_still_loads_updates_and_drains(tmp_path: Pa
     assert sorted(p.name for p in store.msg.iterdir()) == [f"{new.id}.msg"]
 
 
-def test_spool_18_torn_file_goes_to_corrupt_with_its_state(tmp_path: Path) -> None:
+def test_pwr_3_torn_file_goes_to_corrupt_with_its_state(tmp_path: Path) -> None:
     """A .msg renamed into place before its data reached the disk (only possible when a flush was
     skipped or the disk lied): never delivered truncated, kept for the operator."""
     store = new_store(tmp_path)
@@ -91,7 +91,7 @@ def test_spool_18_torn_file_goes_to_corrupt_with_its_state(tmp_path: Path) -> No
     assert sorted(p.name for p in store.msg.iterdir()) == [f"{whole.id}.msg"]
 
 
-def test_spool_18_state_left_by_an_interrupted_removal_is_dropped(tmp_path: Path) -> None:
+def test_pwr_3_state_left_by_an_interrupted_removal_is_dropped(tmp_path: Path) -> None:
     store = new_store(tmp_path)
     meta = make_meta(sender="s@a.test", recipients=["r@b.test"], data=b"x")
     store.put_sync(meta, b"x")
