@@ -25,6 +25,8 @@ COPY README.md ./
 COPY mta ./mta
 RUN /opt/mta/bin/pip install --no-cache-dir --no-deps . \
     && /opt/mta/bin/pip uninstall --yes --quiet setuptools pip
+# Marks this stage's images, kept as build cache; `make container-clean` removes them.
+LABEL mta.stage=build
 
 FROM base
 RUN useradd --system --user-group --uid 10025 --home-dir /var/spool/mta --shell /usr/sbin/nologin mta \

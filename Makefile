@@ -49,3 +49,5 @@ container-test: $(VENV)/.installed-test
 container-clean:
 	CONTAINERS_CONF=$(CURDIR)/tests/container/containers.conf podman rmi --ignore $(CONTAINER_IMAGE) \
 	    docker.io/library/debian:bookworm-slim
+	CONTAINERS_CONF=$(CURDIR)/tests/container/containers.conf podman image prune --force \
+	    --filter label=mta.stage=build >/dev/null

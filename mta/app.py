@@ -34,7 +34,8 @@ DRAIN_TIMEOUT = 20.0
 
 
 def build_resolver(cfg: Config) -> Resolver:
-    return Resolver(nameservers=cfg.dns.nameservers, port=cfg.dns.port, timeout=cfg.dns.timeout)
+    return Resolver(nameservers=cfg.dns.nameservers, port=cfg.dns.port, timeout=cfg.dns.timeout,
+                    dnssec=cfg.dns.dnssec)
 
 
 def build_sts(cfg: Config, resolver: Resolver) -> object | None:
@@ -104,6 +105,7 @@ class Relay:
             sts=self.sts, recorder=metrics.CountingRecorder(self.recorder),
             relayhost=parse_hostport(cfg.delivery.relayhost) if cfg.delivery.relayhost else None,
             relayhost_tls=cfg.delivery.relayhost_tls, relayhost_auth=relay_auth, rng=random.Random(),
+            dane=cfg.dane.enabled and cfg.dns.dnssec,
             bind=BindAddresses(cfg.delivery.bind_address, cfg.delivery.bind_address6),
             unreachable=unreachable,
         )

@@ -2,6 +2,7 @@
 
     mta policy DOMAIN [--json]        TXT + HTTPS fetch through the configured resolver and CA
     mta policy DOMAIN --probe         ... and, for each MX: matches the policy? STARTTLS? TLS? cert valid?
+                                      DNSSEC status, TLSA records, DANE match, governing policy
     mta policy --cache [--json]       the persistent policy cache
 
 Exit 0 even when a domain has no policy (then mode, mx and max_age are null and error says why).
@@ -88,14 +89,20 @@ async def discover(cfg: Config, domain: str) -> dict[str, Any]:
 
 
 async def probe(cfg: Config, info: dict[str, Any]) -> list[dict[str, Any]]:
-    """Connect to every MX (opportunistic TLS) and tell what an enforce policy would think of it."""
+    """Connect to every MX (opportunistic TLS) and tell what an enforce policy and DANE would think of it."""
     from mta.app import build_resolver, build_timeouts
+    from mta.dane import lookup as dane_lookup
+    from mta.dane.verify import verify_chain as dane_verify_chain
     from mta.delivery.route import MAX_MX_HOSTS, order_mx
-    from mta.delivery.smtp_client import SmtpSession, TlsMode
-    from mta.sts.policy import mx_matches
+    from mta.delivery.smtp_client import BindAddresses, SmtpSession, TlsMode
+    from mta.delivery.transport import combine
+    from mta.sts.decide import filter_mx
+    from mta.sts.policy import Policy, mx_matches
 
     resolver = build_resolver(cfg)
     rows: list[dict[str, Any]] = []
+    policy = Policy(mode=info["mode"], mx=tuple(info["mx"] or ()), max_age=info["max_age"] or 0) \
+        if info.get("mode") else None
     try:
         answer = await resolver.mx(info["domain"])
         candidates = order_mx(answer, cfg.hostname, random.Random())
@@ -112,19 +119,36 @@ async def probe(cfg: Config, info: dict[str, Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"mx": cand.host, "preference": cand.preference,
                                "matches_policy": matches(cand.host),
                                "address": None, "starttls": None, "tls_version": None, "cert_valid": None,
-                               "error": None}
+                               "dnssec": {"mx": "secure" if answer.secure else "insecure", "address": None},
+                               "dane": None, "tlsa": [], "tlsa_match": None, "policy": None, "error": None}
         try:
-            addresses = await resolver.addresses(cand.host, ipv6=cfg.delivery.ipv6)
-            if not addresses:
+            found = await resolver.address_answer(cand.host, ipv6=cfg.delivery.ipv6)
+            if not found.addresses:
                 raise DnsError("no address")
-            row["address"] = addresses[0]
-            session = await SmtpSession.open(address=addresses[0], port=cfg.delivery.smtp_port, mx_host=cand.host,
-                                             helo_name=cfg.hostname, tls_mode=TlsMode.MAY,
-                                             ca_file=cfg.tls.ca_file or None, timeouts=build_timeouts(cfg))
+            row["dnssec"]["address"] = "secure" if found.secure else "insecure"
+            dane = await dane_lookup.host_verdict(resolver, cand.host, cfg.delivery.smtp_port,
+                                                  enabled=cfg.dane.enabled and cfg.dns.dnssec,
+                                                  mx_secure=answer.secure, addresses=found)
+            verdict = combine(cand.host, filter_mx(policy, [cand.host])[0], policy, dane)
+            row.update(dane=dane.kind if dane.applies else f"none ({dane.reason})", tlsa=list(dane.policy_strings),
+                       policy=verdict.governed_by)
+            row["address"] = found.addresses[0]
+            session = await SmtpSession.open(address=found.addresses[0], port=cfg.delivery.smtp_port,
+                                             mx_host=cand.host, helo_name=cfg.hostname, tls_mode=TlsMode.MAY,
+                                             ca_file=cfg.tls.ca_file or None, timeouts=build_timeouts(cfg),
+                                             sni=verdict.sni,
+                                             # the probe leaves from where deliveries leave (CFG-2)
+                                             bind=BindAddresses(cfg.delivery.bind_address, cfg.delivery.bind_address6))
             row["starttls"] = session.starttls_offered
             row["tls_version"] = session.tls.version if session.tls else None
             row["cert_valid"] = bool(session.tls and session.tls.verified)
-            if session.tls and session.tls.error:
+            if dane.records and session.peer_chain:
+                check = dane_verify_chain(dane.records, session.peer_chain, dane.names,
+                                          datetime.datetime.now(datetime.UTC))
+                row["tlsa_match"] = check.ok
+                if not check.ok:
+                    row["error"] = f"{check.result_type}: {check.reason}"
+            if session.tls and session.tls.error and not row["error"]:
                 row["error"] = session.tls.error
             await session.close()
         except (MtaError, OSError) as exc:
@@ -195,7 +219,18 @@ def _print_info(info: dict[str, Any]) -> None:
         where = f" [{row['address']}]" if row.get("address") else ""
         print(f"  MX {row['mx']}{where}: matches={_show(row.get('matches_policy'))} "
               f"starttls={_show(row.get('starttls'))} tls={_show(row.get('tls_version'))} "
-              f"cert_valid={_show(row.get('cert_valid'))}" + (f" error={row['error']}" if row.get("error") else ""))
+              f"cert_valid={_show(row.get('cert_valid'))}" + _dane_text(row)
+              + (f" error={row['error']}" if row.get("error") else ""))
+        for record in row.get("tlsa") or []:
+            print(f"    TLSA {record}")
+
+
+def _dane_text(row: dict[str, Any]) -> str:
+    """The DANE part of a probe line: DNSSEC status, DANE verdict, TLSA match, governing policy."""
+    dnssec = row.get("dnssec") or {}
+    return (f" dnssec=mx:{_show(dnssec.get('mx'))},address:{_show(dnssec.get('address'))} "
+            f"dane={_show(row.get('dane'))} tlsa_match={_show(row.get('tlsa_match'))} "
+            f"policy={_show(row.get('policy'))}")
 
 
 def cmd_policy(cfg: Config, args: argparse.Namespace) -> int:

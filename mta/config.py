@@ -119,6 +119,12 @@ class DnsConfig:
     nameservers: tuple[str, ...] = ()
     port: int = 53
     timeout: float = field(default=5.0, metadata=_meta("duration"))
+    dnssec: bool = False  # the nameservers validate DNSSEC and their AD bit is trusted (DANE-1)
+
+
+@dataclass(frozen=True)
+class DaneConfig:
+    enabled: bool = True  # effective only with dns.dnssec = true (RFC 7672)
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    dane: DaneConfig = field(default_factory=DaneConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
@@ -468,6 +475,9 @@ def warnings(cfg: Config) -> list[str]:
         out.append(f"{cfg.source}: delivery.relayhost_tls: \"may\" with relayhost_username sends the "
                    "password to any host that answers with TLS (certificate not verified); plaintext "
                    "sessions defer instead; use \"verify\"")
+    from mta.dane.trust import resolver_warnings  # late, as parse_policy above: config stays at the bottom
+
+    out.extend(f"{cfg.source}: {w}" for w in resolver_warnings(cfg))
     return out
 
 

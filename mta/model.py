@@ -97,3 +97,4 @@ class MxAnswer:
 
     kind: str
     records: tuple[tuple[int, str], ...] = ()
+    secure: bool = False  # DNSSEC-validated (DANE-1); always False without [dns] dnssec

@@ -16,16 +16,35 @@ Order of work (cf. maddy's PrepareDomain/CheckMX/CheckConn):
 from __future__ import annotations
 
 import asyncio
+import datetime
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from mta import log, metrics
+from mta.dane import lookup as dane_lookup
+from mta.dane import verify as dane_verify
+from mta.dane.decide import DaneVerdict
 from mta.delivery.pool import ConnectionPool
 from mta.delivery.route import Candidate, MxAnswer, address_literal_ip, cap_hosts, is_address_literal, order_mx
 from mta.delivery.smtp_client import BindAddresses, SmtpSession, Timeouts, TlsMode, TlsRequiredError
+from mta.delivery.transport import (
+    DANE,
+    MTA_STS,
+    NONE,
+    PKIX,
+    REQUIRE,
+    TLSA,
+    HostVerdict,
+    PolicyResult,
+    combine,
+    failure_results,
+    judge_session,
+    refusal_results,
+    session_results,
+)
 from mta.delivery.unreachable import UnreachableHosts
 from mta.errors import (
     DeliveryError,
@@ -35,10 +54,11 @@ from mta.errors import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
-from mta.model import SmtpReply
+from mta.model import SmtpReply, TlsInfo
 from mta.net.dns import Resolver
+from mta.net.tls import verify_chain
 from mta.spool.state import DELIVERED_OUTCOME, PERMANENT, TRANSIENT, Outcome
-from mta.sts.decide import check_tls, filter_mx
+from mta.sts.decide import MxVerdict, filter_mx
 from mta.sts.policy import Policy
 
 
@@ -47,7 +67,7 @@ class SessionRecorder(Protocol):
 
     def record(self, *, policy_domain: str, policy: Policy | None, success: bool, result_type: str | None,
                mx_host: str | None, receiving_ip: str | None, reason: str = "",
-               sending_ip: str | None = None) -> None: ...
+               sending_ip: str | None = None, tlsa: Sequence[str] | None = None) -> None: ...
 
 
 class NullRecorder:
@@ -75,6 +95,7 @@ class AttemptContext:
     bind: BindAddresses = field(default_factory=BindAddresses)  # delivery.bind_address(6)
     unreachable: UnreachableHosts | None = None  # SMTP-37: shared by every attempt of the process
     clock: Callable[[], float] = time.monotonic
+    dane: bool = False  # [dane] enabled with [dns] dnssec: TLSA lookups below secure MX RRsets
 
 
 @dataclass
@@ -86,9 +107,11 @@ class _Attempt:
     sts_note: str = ""
     errors: list[str] = field(default_factory=list)
     policy_errors: list[str] = field(default_factory=list)
-    mx_mismatch: set[str] = field(default_factory=set)  # testing mode: hosts outside the policy (STS-84)
     discovery_failure: Any = None  # StsError of a failed policy discovery, reported with each session
     any_transient: bool = False
+    mx_secure: bool = False  # DANE-1: the MX RRset (or implicit-MX addresses) validated
+    dane_failed: bool = False  # a DANE host was unusable or failed: defer naming DANE (DANE-7)
+    governed: str = ""  # the policy that governed the last host tried (log field "policy")
 
     @property
     def mode(self) -> str | None:
@@ -97,8 +120,9 @@ class _Attempt:
 
 def _all(rcpts: Sequence[str], kind: str, reply: SmtpReply, att: _Attempt, remote: str | None = None,
          reason: str = "") -> dict[str, Outcome]:
-    return {r: Outcome(kind, reply, remote_mta=remote, sts_mode=att.mode, reason=reason or att.sts_note)
-            for r in rcpts}
+    policy = DANE if att.dane_failed else att.governed or (MTA_STS if att.mode in ("enforce", "testing") else NONE)
+    return {r: Outcome(kind, reply, remote_mta=remote, sts_mode=att.mode, reason=reason or att.sts_note,
+                       policy=policy) for r in rcpts}
 
 
 async def _lookup_policy(ctx: AttemptContext, domain: str, att: _Attempt) -> None:
@@ -140,8 +164,8 @@ async def deliver_domain(ctx: AttemptContext, domain: str, rcpts: Sequence[str],
     elif is_address_literal(domain):
         # STS-4: no policy for address literals; connect straight to the address.
         ip = address_literal_ip(domain) or domain
-        return await _try_hosts(ctx, [(domain, [ip], False)], rcpts, sender, data, att, ctx.smtp_port,
-                                eight_bit, smtputf8, tls=TlsMode.MAY)
+        return await _try_hosts(ctx, [(v, [ip]) for v in filter_mx(None, [domain])], rcpts, sender, data, att,
+                                ctx.smtp_port, eight_bit, smtputf8, verify=False)
     else:
         port = ctx.smtp_port
         mx_task = asyncio.ensure_future(ctx.resolver.mx(domain))
@@ -162,84 +186,145 @@ async def deliver_domain(ctx: AttemptContext, domain: str, rcpts: Sequence[str],
             candidates = order_mx(answer_or_exc, ctx.hostname, ctx.rng)
         except PermanentDeliveryError as exc:
             return _all(rcpts, PERMANENT, exc.reply, att)
-    verdicts = cap_hosts(filter_mx(att.policy, [c.host for c in candidates]))  # filter, then cap (SMTP-11)
-    hosts: list[tuple[str, list[str] | None, bool]] = []
-    for v in verdicts:
-        if not v.allowed:
-            # STS-74: never dialled; reported as validation-failure / sts-mx-mismatch (STS-92).
-            att.policy_errors.append(f"MX {v.host} is not allowed by the policy")
-            ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=False,
-                                result_type="validation-failure", mx_host=v.host, receiving_ip=None,
-                                reason=v.reason or "sts-mx-mismatch")
-            continue
-        if v.reason:
-            att.mx_mismatch.add(v.host)
-        hosts.append((v.host, None, v.require_tls))
-    tls = TlsMode.MAY
-    if ctx.relayhost and ctx.relayhost_tls == "verify":
-        tls = TlsMode.VERIFY
-    return await _try_hosts(ctx, hosts, rcpts, sender, data, att, port, eight_bit, smtputf8, tls=tls)
+        att.mx_secure = answer_or_exc.secure  # DANE-1: TLSA only below a secure MX RRset
+    plans: list[tuple[MxVerdict, list[str] | None]] = [
+        (v, None) for v in cap_hosts(filter_mx(att.policy, [c.host for c in candidates]))]  # filter, then cap (SMTP-11)
+    verify = bool(ctx.relayhost) and ctx.relayhost_tls == "verify"
+    return await _try_hosts(ctx, plans, rcpts, sender, data, att, port, eight_bit, smtputf8, verify=verify)
 
 
-async def _try_hosts(ctx: AttemptContext, hosts: list[tuple[str, list[str] | None, bool]], rcpts: Sequence[str],
+async def _try_hosts(ctx: AttemptContext, plans: list[tuple[MxVerdict, list[str] | None]], rcpts: Sequence[str],
                      sender: str, data: bytes, att: _Attempt, port: int, eight_bit: bool, smtputf8: bool,
-                     *, tls: TlsMode) -> dict[str, Outcome]:
+                     *, verify: bool) -> dict[str, Outcome]:
+    allowed: list[tuple[MxVerdict, list[str] | None]] = []
+    for sts_verdict, addresses in plans:
+        if sts_verdict.allowed:
+            allowed.append((sts_verdict, addresses))
+            continue
+        # STS-74: never dialled; reported as validation-failure / sts-mx-mismatch (STS-92).
+        _refuse(ctx, att, combine(sts_verdict.host, sts_verdict, att.policy, None))
     no_address_hosts = 0
-    for host, addresses, require_tls in hosts:
+    for sts_verdict, addresses in allowed:
+        host = sts_verdict.host
+        dane: DaneVerdict | None = None
         if addresses is None:
             try:
-                addresses = await ctx.resolver.addresses(host, ipv6=ctx.ipv6)
+                answer = await ctx.resolver.address_answer(host, ipv6=ctx.ipv6)
             except DnsError as exc:
                 att.errors.append(f"{host}: {exc}")
                 att.any_transient = True
                 continue
+            addresses = answer.addresses
             if not addresses:
                 no_address_hosts += 1
                 att.errors.append(f"{host}: no address")
                 continue
-        mode = TlsMode.VERIFY if require_tls else tls
+            if ctx.dane and not ctx.relayhost:
+                dane = await dane_lookup.host_verdict(ctx.resolver, host, port, enabled=True,
+                                                      mx_secure=att.mx_secure, addresses=answer)
+        verdict = combine(host, sts_verdict, att.policy, dane, verify=verify)
+        att.governed = verdict.governed_by
+        if not verdict.allowed:
+            _refuse(ctx, att, verdict)  # DANE-3: bogus TLSA -> this host is unusable
+            continue
         for address in addresses:
-            outcome = await _try_address(ctx, host, address, port, mode, rcpts, sender, data, att,
-                                         eight_bit, smtputf8)
+            outcome = await _try_address(ctx, verdict, address, port, rcpts, sender, data, att, eight_bit, smtputf8)
             if outcome == "next-host":
                 break
             if outcome is not None:
                 return outcome
-    if hosts and no_address_hosts == len(hosts) and not att.any_transient and not att.policy_errors:
+    if allowed and no_address_hosts == len(allowed) and not att.any_transient and not att.policy_errors:
         # SMTP-6 decision: every MX authoritatively without an address -> permanent 5.4.4.
         return _all(rcpts, PERMANENT, SmtpReply(550, "no MX host has an address", "5.4.4"), att)
-    if att.policy is not None and att.policy.mode == "enforce" and (att.policy_errors or not hosts):
+    sts_enforce = att.policy is not None and att.policy.mode == "enforce"
+    if att.dane_failed or (sts_enforce and (att.policy_errors or not allowed)):
+        # STS-81, DANE-2/3/7: a policy failure defers (4.7.5), never bounces, never goes plaintext.
         reason = "; ".join(att.policy_errors + att.errors) or "no MX host matches the policy"
-        text = f"{att.sts_note}: {reason}"
+        notes = (["DANE (RFC 7672) validation failed"] if att.dane_failed else []) + (
+            [att.sts_note] if sts_enforce else [])
+        text = f"{'; '.join(notes)}: {reason}"
         return _all(rcpts, TRANSIENT, SmtpReply(451, text, "4.7.5"), att, reason=text)
     text = "; ".join(att.errors) or "no usable MX host"
     return _all(rcpts, TRANSIENT, SmtpReply(451, text, "4.4.1"), att)
 
 
-def _without_sts(ctx: AttemptContext) -> AttemptContext:
-    from dataclasses import replace
+def _record(ctx: AttemptContext, att: _Attempt, results: list[PolicyResult], host: str | None,
+            address: str | None, sending_ip: str | None = None) -> None:
+    """One TLS-RPT record per policy that applied (RFC 8460 §4.4)."""
+    for r in results:
+        extra: dict[str, Any] = {} if r.tlsa is None else {"tlsa": r.tlsa}
+        if sending_ip is not None:
+            extra["sending_ip"] = sending_ip
+        ctx.recorder.record(policy_domain=att.policy_domain, policy=r.policy, success=r.success,
+                            result_type=r.result_type, mx_host=host, receiving_ip=address, reason=r.reason, **extra)
 
+
+def _with_discovery_failure(att: _Attempt, results: list[PolicyResult]) -> list[PolicyResult]:
+    """STS-91: a failed policy discovery is carried by each session's MTA-STS record (issue 10 item 12)."""
+    failure = att.discovery_failure
+    if failure is None:
+        return results
+    marked = PolicyResult(None, None, False, failure.result_type, str(failure))
+    sts = [r for r in results if r.tlsa is None]
+    if not sts:
+        return [*results, replace(marked, policy=att.policy)]
+    return [replace(marked, policy=r.policy) if r.tlsa is None and r.success else r for r in results]
+
+
+def _refuse(ctx: AttemptContext, att: _Attempt, verdict: HostVerdict) -> None:
+    """A host that must not be dialled: remembered for the final reply and reported."""
+    if verdict.governed_by == DANE:
+        att.dane_failed = True
+        att.policy_errors.append(f"MX {verdict.host}: {verdict.reason}")
+    else:
+        att.policy_errors.append(f"MX {verdict.host} is not allowed by the policy")
+    _record(ctx, att, refusal_results(verdict), verdict.host, None)
+
+
+def _without_sts(ctx: AttemptContext) -> AttemptContext:
     return replace(ctx, sts=None)
 
 
-async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode) -> SmtpSession:
-    """A pooled session for this destination and TLS mode, else a new one."""
-    session = await ctx.pool.get((host, address, port, mode))
+async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode,
+                sni: str | None) -> tuple[SmtpSession, bool]:
+    """A pooled session for this destination, TLS mode and SNI, else a new one; and whether it is new."""
+    session = await ctx.pool.get((host, address, port, (mode, sni)))
     if session is not None:
-        return session
+        return session, False
     session = await SmtpSession.open(address=address, port=port, mx_host=host, helo_name=ctx.hostname,
-                                     tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts, bind=ctx.bind)
-    metrics.tls_session(session.tls.version if session.tls else None, bool(session.tls and session.tls.verified))
+                                     tls_mode=mode, ca_file=ctx.ca_file, timeouts=ctx.timeouts, bind=ctx.bind,
+                                     sni=sni)
     if ctx.relayhost_auth:
         await session.login(*ctx.relayhost_auth)
-    return session
+    return session, True
 
 
-async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode,
+def _judged(ctx: AttemptContext, verdict: HostVerdict, session: SmtpSession) -> tuple[TlsInfo | None, TlsInfo | None]:
+    """(the TLS facts as the verdict judges the certificate, the PKIX view when a report needs it)."""
+    tls = session.tls
+    if tls is None or tls.version is None:
+        return tls, tls
+    pkix: TlsInfo | None = None
+    if verdict.pkix_view_needed:
+        ok, error = verify_chain(session.peer_chain, ctx.ca_file, verdict.host)
+        pkix = replace(tls, verified=ok, error=error)
+    if verdict.cert == TLSA:  # DANE-5: the chain against the TLSA RRset
+        check = dane_verify.verify_chain(verdict.tlsa, session.peer_chain, verdict.names,
+                                         datetime.datetime.now(datetime.UTC))
+        tls = replace(tls, verified=check.ok, error=None if check.ok else f"{check.result_type}: {check.reason}")
+    elif verdict.cert == PKIX and verdict.tls == REQUIRE:  # DANE-4 beside a testing policy
+        ok, error = verify_chain(session.peer_chain, ctx.ca_file, verdict.host)
+        tls = replace(tls, verified=ok, error=error)
+    return tls, pkix
+
+
+async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, port: int,
                        rcpts: Sequence[str], sender: str, data: bytes, att: _Attempt,
                        eight_bit: bool, smtputf8: bool) -> dict[str, Outcome] | str | None:
     """Outcomes when this address settled the recipients; "next-host" or None to go on."""
+    host = verdict.host
     relay = f"{host}[{address}]:{port}"
+    mode = TlsMode(verdict.tls)
     down = ctx.unreachable
     if down is not None and down.skipped((address, port), ctx.clock()):
         # SMTP-37: no connect timeout per message for a dead host; a deferral, never a bounce.
@@ -248,12 +333,12 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
         att.any_transient = True
         return None
     try:
-        session = await _open(ctx, host, address, port, mode)
+        session, new = await _open(ctx, host, address, port, mode, verdict.sni)
     except TlsRequiredError as exc:
         att.policy_errors.append(f"{relay}: {exc.reply.text}")
-        ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=False,
-                            result_type=exc.result_type, mx_host=host, receiving_ip=address, reason=exc.reply.text,
-                            sending_ip=exc.local_address)
+        att.dane_failed = att.dane_failed or verdict.governed_by == DANE  # DANE-2: never plaintext
+        _record(ctx, att, failure_results(verdict, exc.result_type, exc.reply.text), host, address,
+                exc.local_address)
         return "next-host"
     except DeliveryError as exc:
         att.errors.append(f"{relay}: {exc.reply}")
@@ -263,19 +348,17 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
         return None
     if down is not None:
         down.forget((address, port))
-    verdict = check_tls(att.policy, session.starttls_offered, session.tls)
-    result_type, reason = verdict.result_type, verdict.reason
-    if result_type is None and host in att.mx_mismatch:
-        result_type, reason = "validation-failure", "sts-mx-mismatch"  # testing mode: delivered, but reported
-    if result_type is None and att.discovery_failure is not None:
-        result_type, reason = att.discovery_failure.result_type, str(att.discovery_failure)
-    # One record per session; sessions without a policy are kept only with record_all_sessions.
-    ctx.recorder.record(policy_domain=att.policy_domain, policy=att.policy, success=result_type is None,
-                        result_type=result_type, mx_host=host, receiving_ip=address, reason=reason,
-                        sending_ip=session.local_address)
-    if not verdict.ok:
+    tls, pkix = _judged(ctx, verdict, session)
+    if new:  # verified as the verdict judged it (PKIX, or TLSA under DANE)
+        metrics.tls_session(tls.version if tls else None, bool(tls and tls.verified))
+    judgement = judge_session(verdict, session.starttls_offered, tls)
+    # One record per session and applied policy; sessions without a policy only with record_all_sessions.
+    results = session_results(verdict, session.starttls_offered, tls, pkix)
+    _record(ctx, att, _with_discovery_failure(att, results), host, address, session.local_address)
+    if not judgement.ok:
         await ctx.pool.discard(session)
-        att.policy_errors.append(f"{relay}: {verdict.reason}")
+        att.policy_errors.append(f"{relay}: {judgement.reason}")
+        att.dane_failed = att.dane_failed or verdict.governed_by == DANE  # DANE-7: no STS rescue
         return "next-host"
     try:
         result = await session.send(sender, list(rcpts), data, eight_bit=eight_bit, smtputf8=smtputf8)
@@ -284,14 +367,14 @@ async def _try_address(ctx: AttemptContext, host: str, address: str, port: int, 
         att.errors.append(f"{relay}: {exc.reply}")
         att.any_transient = True
         return None
-    await ctx.pool.put((host, address, port, mode), session)
-    tls_label = session.tls.version if session.tls else None
-    verified = bool(session.tls and session.tls.verified)
+    await ctx.pool.put((host, address, port, (mode, verdict.sni)), session)
+    tls_label = tls.version if tls else None
+    verified = bool(tls and tls.verified)
     out: dict[str, Outcome] = {}
     for rcpt in rcpts:
         reply = result.replies.get(rcpt) or SmtpReply(451, "no reply for recipient", "4.4.2")
         # Only a 2yz is a delivery; anything odd is temporary, never "delivered" by accident.
         kind = DELIVERED_OUTCOME if 200 <= reply.code < 300 else PERMANENT if reply.code >= 500 else TRANSIENT
         out[rcpt] = Outcome(kind, reply, remote_mta=host, relay=relay, tls=tls_label, verified=verified,
-                            sts_mode=att.mode, reason=att.sts_note)
+                            sts_mode=att.mode, reason=att.sts_note, policy=verdict.governed_by)
     return out

@@ -50,25 +50,29 @@ class ConnectionPool:
         sessions.append(session)
 
     async def sweep(self) -> None:
-        """Close sessions idle for longer than max_idle_time."""
+        """Close sessions idle for longer than max_idle_time.
+
+        The idle lists are settled before the first await: closing a session yields to workers
+        that take and return sessions, and a list rebuilt from an older view would put a session
+        in use back into the pool (two transactions on one connection) or drop a returned one.
+        """
         now = self.clock()
+        stale: list[SmtpSession] = []
         for key, sessions in list(self._idle.items()):
-            keep = []
-            for s in sessions:
-                if now - s.last_used > self.max_idle_time:
-                    await self.discard(s)
-                else:
-                    keep.append(s)
+            keep = [s for s in sessions if now - s.last_used <= self.max_idle_time]
+            stale.extend(s for s in sessions if now - s.last_used > self.max_idle_time)
             if keep:
                 self._idle[key] = keep
             else:
                 del self._idle[key]
+        for s in stale:
+            await self.discard(s)
 
     async def close_all(self) -> None:
-        for sessions in self._idle.values():
-            for s in sessions:
-                await self.discard(s)
+        idle = [s for sessions in self._idle.values() for s in sessions]
         self._idle.clear()
+        for s in idle:
+            await self.discard(s)
 
     @staticmethod
     async def discard(session: SmtpSession) -> None:

@@ -12,6 +12,9 @@ TLS modes:
   validity, DNS-ID of the MX host name (STS-77/78) and TLS >= 1.2 (STS-80); SNI is the MX name
   (STS-79). Any failure raises `TlsRequiredError` whose `result_type` follows STS-92, and nothing is
   ever sent in plaintext (STS-75/76): no MAIL FROM on that connection.
+- `TlsMode.REQUIRE` (DANE): STARTTLS is mandatory exactly as with VERIFY, but the handshake does
+  not judge the certificate: the caller does, from `peer_chain`, before MAIL FROM (DANE-2/5).
+  `sni` overrides the server name sent (DANE-6: the TLSA base domain).
 
 `send` runs one transaction and reports per recipient (SMTP-19): RCPT replies as given, except
 452/552 which mean "too many recipients, try later" (SMTP-18); DATA only if a RCPT was accepted,
@@ -76,8 +79,9 @@ class SmtpSession:
     """An open, greeted SMTP connection; see the module docstring for what `open` guarantees."""
 
     def __init__(self, smtp: aiosmtplib.SMTP, *, relay: str, timeouts: Timeouts, tls: TlsInfo | None,
-                 starttls_offered: bool) -> None:
+                 starttls_offered: bool, peer_chain: Sequence[bytes] = ()) -> None:
         self._smtp = smtp
+        self.peer_chain = tuple(peer_chain)  # DER, leaf first, as presented (empty without TLS)
         self.relay = relay  # "mx.example.com[192.0.2.1]:25", for messages
         self.timeouts = timeouts
         self.tls = tls  # None: STARTTLS not attempted; version None: plaintext after a TLS failure
@@ -95,13 +99,14 @@ class SmtpSession:
     # --- opening ------------------------------------------------------------------------------
     @classmethod
     async def open(cls, *, address: str, port: int, mx_host: str, helo_name: str, tls_mode: TlsMode,
-                   ca_file: str | None, timeouts: Timeouts, bind: BindAddresses | None = None) -> SmtpSession:
+                   ca_file: str | None, timeouts: Timeouts, bind: BindAddresses | None = None,
+                   sni: str | None = None) -> SmtpSession:
         relay = f"{mx_host.rstrip('.')}[{address}]:{port}"
         opened = await open_connection(address=address, port=port, relay=relay, mx_host=mx_host, helo_name=helo_name,
                                        tls_mode=tls_mode, ca_file=ca_file, timeouts=timeouts,
-                                       bind=bind or BindAddresses())
+                                       bind=bind or BindAddresses(), sni=sni)
         return cls(opened.smtp, relay=relay, timeouts=timeouts, tls=opened.tls,
-                   starttls_offered=opened.starttls_offered)
+                   starttls_offered=opened.starttls_offered, peer_chain=opened.peer_chain)
 
     async def login(self, username: str, password: str) -> None:
         """AUTH to a relay host; any failure is transient so the message stays queued.

@@ -32,7 +32,7 @@ from aiosmtplib import (
 
 from mta.errors import HostUnreachableError, TransientDeliveryError
 from mta.model import SmtpReply, TlsInfo
-from mta.net.tls import opportunistic_context, reference_name, tls_info, verify_peer, verifying_context
+from mta.net.tls import opportunistic_context, peer_chain, reference_name, tls_info, verify_chain, verifying_context
 
 REPLY_TEXT_LIMIT = 1000  # characters of remote reply text we keep
 # OpenSSL X509_V_ERR_* codes -> RFC 8460 result types (STS-92).
@@ -64,6 +64,7 @@ class Timeouts:
 class TlsMode(enum.Enum):
     MAY = "may"
     VERIFY = "verify"
+    REQUIRE = "require"  # DANE: mandatory as VERIFY; the caller judges `peer_chain` (DANE-2/5)
 
 
 class TlsRequiredError(TransientDeliveryError):
@@ -83,6 +84,7 @@ class Opened:
     smtp: aiosmtplib.SMTP
     tls: TlsInfo | None
     starttls_offered: bool
+    peer_chain: tuple[bytes, ...] = ()  # DER, leaf first, as presented
 
 
 def remote_reply(code: int, message: str) -> SmtpReply:
@@ -122,7 +124,8 @@ def _handshake_failure(exc: BaseException) -> tuple[str, str]:
 
 
 async def open_connection(*, address: str, port: int, relay: str, mx_host: str, helo_name: str,
-                          tls_mode: TlsMode, ca_file: str | None, timeouts: Timeouts, bind: BindAddresses) -> Opened:
+                          tls_mode: TlsMode, ca_file: str | None, timeouts: Timeouts, bind: BindAddresses,
+                          sni: str | None = None) -> Opened:
     """Connect, greet, EHLO and STARTTLS as `tls_mode` demands (see the module docstring)."""
     try:
         ctx = verifying_context(ca_file) if tls_mode is TlsMode.VERIFY else opportunistic_context()
@@ -131,7 +134,7 @@ async def open_connection(*, address: str, port: int, relay: str, mx_host: str, 
     smtp = await _connect(address, port, relay, helo_name, timeouts, bind)
     try:
         return await _secure(smtp, address=address, port=port, relay=relay, mx_host=mx_host, helo_name=helo_name,
-                             tls_mode=tls_mode, ctx=ctx, ca_file=ca_file, timeouts=timeouts, bind=bind)
+                             tls_mode=tls_mode, ctx=ctx, ca_file=ca_file, timeouts=timeouts, bind=bind, sni=sni)
     except asyncio.CancelledError:
         smtp.close()
         raise
@@ -139,17 +142,18 @@ async def open_connection(*, address: str, port: int, relay: str, mx_host: str, 
 
 async def _secure(smtp: aiosmtplib.SMTP, *, address: str, port: int, relay: str, mx_host: str, helo_name: str,
                   tls_mode: TlsMode, ctx: ssl.SSLContext, ca_file: str | None, timeouts: Timeouts,
-              bind: BindAddresses) -> Opened:
+              bind: BindAddresses, sni: str | None = None) -> Opened:
     """STARTTLS as the mode demands on a greeted connection (see the module docstring)."""
-    offered = smtp.supports_extension("starttls")
+    offered, mandatory = smtp.supports_extension("starttls"), tls_mode is not TlsMode.MAY
     local = local_address(smtp)
     if not offered:
-        if tls_mode is TlsMode.VERIFY:
+        if mandatory:
             await quit_quietly(smtp, timeouts)  # STS-75: no MAIL FROM, just QUIT
             raise TlsRequiredError("starttls-not-supported", f"{relay} does not offer STARTTLS", local)
         return Opened(smtp, None, False)
-    sni = reference_name(mx_host)  # STS-79: the MX name, A-labels, no trailing dot; never an IP
-    if tls_mode is TlsMode.VERIFY and sni is None:
+    # STS-79: the MX name, A-labels, no trailing dot, never an IP; DANE-6: the TLSA base domain.
+    sni = reference_name(sni or mx_host)
+    if mandatory and sni is None:
         await quit_quietly(smtp, timeouts)
         raise TlsRequiredError("validation-failure", f"{relay}: no host name to verify a certificate against",
                                local)
@@ -157,7 +161,7 @@ async def _secure(smtp: aiosmtplib.SMTP, *, address: str, port: int, relay: str,
         await smtp.starttls(server_hostname=sni, tls_context=ctx, timeout=timeouts.ehlo)
     except SMTPResponseException as exc:
         refused = f"STARTTLS refused: {remote_reply(exc.code, exc.message)}"
-        if tls_mode is TlsMode.VERIFY:  # STS-92: a 4xx/5xx to STARTTLS counts as "not supported"
+        if mandatory:  # STS-92: a 4xx/5xx to STARTTLS counts as "not supported"
             await quit_quietly(smtp, timeouts)
             raise TlsRequiredError("starttls-not-supported", f"{relay}: {refused}", local) from exc
         if not smtp.is_connected or not is_refusal(exc.code):
@@ -169,19 +173,22 @@ async def _secure(smtp: aiosmtplib.SMTP, *, address: str, port: int, relay: str,
     except (SMTPException, OSError, TimeoutError, ValueError) as exc:
         smtp.close()
         result_type, reason = _handshake_failure(exc)
-        if tls_mode is TlsMode.VERIFY:
+        if mandatory:
             raise TlsRequiredError(result_type, f"{relay}: {reason}", local) from exc  # STS-76: no plaintext retry
         # SMTP-16 decision: opportunistic TLS that fails is retried once, in plaintext, on a new connection.
         smtp = await _connect(address, port, relay, helo_name, timeouts, bind)
         return Opened(smtp, TlsInfo(error=reason), True)
     ssl_object = smtp.get_transport_info("ssl_object")
+    chain = tuple(peer_chain(ssl_object))
     if tls_mode is TlsMode.VERIFY:
         info = tls_info(ssl_object, True, None)  # OpenSSL already refused anything unverified
+    elif tls_mode is TlsMode.REQUIRE:
+        info = tls_info(ssl_object, False, None)  # the caller judges `peer_chain` (DANE)
     else:
-        verified, error = verify_peer(ssl_object, ca_file, mx_host)
+        verified, error = verify_chain(chain, ca_file, mx_host)  # what verify_peer does, chain kept
         info = tls_info(ssl_object, verified, error)
     await _ehlo(smtp, helo_name, relay, timeouts)  # SMTP-15: pre-TLS capabilities are void
-    return Opened(smtp, info, True)
+    return Opened(smtp, info, True, chain)
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ class Worker:
         log.event(name, queue_id=meta.id, recipient=r.address, domain=_domain(r.address),
                   mx=outcome.remote_mta, relay=outcome.relay, delay=round(now - meta.created, 2),
                   tls=outcome.tls or "none", verified=outcome.verified, sts_mode=outcome.sts_mode,
-                  status=r.status_code, reason=r.reason or None,
+                  policy=outcome.policy, status=r.status_code, reason=r.reason or None,
                   reply=str(outcome.reply), attempts=r.attempts)
 
     async def _queue_notice(self, meta: MessageMeta, failed: list[FailedRecipient], data: bytes, now: float) -> bool:

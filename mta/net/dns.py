@@ -8,6 +8,10 @@ and TXT: "nothing there") and nothing else is decided: ordering MX hosts is `mta
 
 - Nameservers: an empty list means the system resolver (/etc/resolv.conf); otherwise exactly the
   configured servers and port, never the system ones (tests point us at a fake DNS on loopback).
+- DNSSEC (`dnssec=True`, DANE-1): queries carry the DO bit and every answer says whether it is
+  `secure`: the AD bit of a resolver the operator declared trustworthy (`[dns] dnssec`). We never
+  validate ourselves; without `dnssec` nothing is ever secure. A validating resolver answers a
+  bogus RRset with SERVFAIL, which is a `DnsTemporaryError` like any other.
 - Every lookup is bounded by `timeout` seconds in total (dnspython's `lifetime`); each try gets
   `timeout / attempts`. Truncated UDP answers are retried over TCP by dnspython.
 - Names are converted to A-labels (mta.idn: IDNA 2008 with UTS 46 mapping) before any query (STS-5).
@@ -33,15 +37,17 @@ from dataclasses import dataclass
 import aiohttp.abc
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdatatype
 import dns.resolver
 
 from mta import idn
+from mta.dane.records import TlsaAnswer, TlsaRecord
 from mta.errors import DnsError, DnsPermanentError, DnsTemporaryError
 from mta.model import IMPLICIT, MX, NULL, MxAnswer
 
-__all__ = ["AiohttpResolver", "MxAnswer", "Resolver", "to_ascii"]
+__all__ = ["Addresses", "AiohttpResolver", "MxAnswer", "Resolver", "TlsaAnswer", "to_ascii"]
 
 MAX_POSITIVE_TTL = 300.0  # seconds; a long TTL must not pin a stale MX or TXT for hours
 MAX_NEGATIVE_TTL = 5.0  # seconds; a newly published record is seen almost at once
@@ -70,6 +76,17 @@ class _Lookup:
     status: str  # _OK | _NXDOMAIN | _NODATA
     rdatas: tuple[object, ...] = ()
     owner: str = ""  # the name the records belong to after following CNAMEs ("" if unknown)
+    secure: bool = False  # AD bit from a trusted validating resolver (only with dnssec)
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """The addresses of one host, whether every answer that gave them was DNSSEC-secure, and the
+    CNAME-expanded name when the host is an alias (RFC 7672 §2.2.2: TLSA base domain candidates)."""
+
+    addresses: list[str]
+    secure: bool = False
+    canonical: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,8 +99,9 @@ class Resolver:
     """Typed MX/A/AAAA/TXT lookups through dnspython's async resolver (see the module rule)."""
 
     def __init__(self, nameservers: Sequence[str] = (), port: int = 53, timeout: float = 5.0, attempts: int = 2,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, dnssec: bool = False) -> None:
         self.timeout = timeout
+        self.dnssec = dnssec
         self._clock = clock
         self._cache: dict[tuple[str, str], _Entry] = {}
         if nameservers:
@@ -104,6 +122,11 @@ class Resolver:
         # day-long TTL would pin an MX or an `_mta-sts` id) and read the wall clock, not an
         # injectable one (tests/integration/test_library_gaps.py).
         resolver.cache = None
+        if dnssec:
+            # DO asks the validating resolver for DNSSEC processing; AD in the query (RFC 6840 §5.7)
+            # asks it to tell us the result in the AD bit of the reply.
+            resolver.use_edns(0, dns.flags.DO, 1232)
+            resolver.flags = dns.flags.RD | dns.flags.AD
         self._resolver = resolver
 
     @property
@@ -130,14 +153,16 @@ class Resolver:
         if found.status == _NXDOMAIN:
             raise DnsPermanentError(f"{name}: domain does not exist (NXDOMAIN)")
         if found.status == _NODATA:
-            if await self.addresses(name, ipv6=True):
-                return MxAnswer(IMPLICIT, ((0, name),))
+            implicit = await self.address_answer(name, ipv6=True)
+            if implicit.addresses:
+                # DANE-1: with an implicit MX the address records stand in for the MX RRset.
+                return MxAnswer(IMPLICIT, ((0, name),), secure=found.secure and implicit.secure)
             raise DnsPermanentError(f"{name}: no MX and no address")
         records = sorted((int(rd.preference), _host(rd.exchange)) for rd in found.rdatas)  # type: ignore[attr-defined]
         real = tuple(r for r in records if r[1] != ".")
         if not real:
-            return MxAnswer(NULL, tuple(records))
-        return MxAnswer(MX, real)
+            return MxAnswer(NULL, tuple(records), secure=found.secure)
+        return MxAnswer(MX, real, secure=found.secure)
 
     async def addresses(self, host: str, ipv6: bool = True) -> list[str]:
         """IP addresses of `host`: AAAA first (when `ipv6`), then A, each in the order DNS gave (SMTP-11).
@@ -149,27 +174,47 @@ class Resolver:
         At most MAX_ADDRESSES of each family are returned.
         A host that is already an IP address is returned as is (a configured smart host).
         """
+        return (await self.address_answer(host, ipv6)).addresses
+
+    async def address_answer(self, host: str, ipv6: bool = True) -> Addresses:
+        """`addresses()` with its DNSSEC status: secure only if every family's answer was secure
+        (a failed family makes the set insecure, so DANE is then not attempted, DANE-1/2)."""
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
-            return [str(ip)] if ip.version == 4 or ipv6 else []
+            return Addresses([str(ip)] if ip.version == 4 or ipv6 else [])
         name = to_ascii(host)
         rdtypes = ("AAAA", "A") if ipv6 else ("A",)
         results = await asyncio.gather(*(self._lookup(name, t) for t in rdtypes), return_exceptions=True)
         found: list[str] = []
         failure: DnsTemporaryError | None = None
+        secure = True
+        canonical = ""
         for result in results:
             if isinstance(result, DnsTemporaryError):
                 failure = result
+                secure = False
             elif isinstance(result, BaseException):
                 raise result
             else:
                 found.extend(str(rd.address) for rd in result.rdatas[:MAX_ADDRESSES])  # type: ignore[attr-defined]
+                secure = secure and result.secure
+                if result.owner and result.owner != name:
+                    canonical = canonical or result.owner
         if not found and failure is not None:
             raise failure
-        return found
+        return Addresses(found, secure and bool(found), canonical)
+
+    async def tlsa(self, name: str) -> TlsaAnswer:
+        """The TLSA RRset at `name` (e.g. `_25._tcp.mx.example.com`), CNAMEs followed; NXDOMAIN and
+        NODATA give no records. A SERVFAIL (bogus in a signed zone) raises DnsTemporaryError (DANE-3)."""
+        owner = to_ascii(name)
+        found = await self._lookup(owner, "TLSA")
+        records = tuple(TlsaRecord(int(rd.usage), int(rd.selector), int(rd.mtype), bytes(rd.cert))  # type: ignore[attr-defined]
+                        for rd in found.rdatas)
+        return TlsaAnswer(owner, records, found.secure)
 
     async def txt(self, name: str) -> list[str]:
         """The TXT records at `name`, CNAME chains followed (STS-21), NXDOMAIN/NODATA -> [].
@@ -208,11 +253,12 @@ class Resolver:
         except dns.exception.DNSException as exc:
             # CNAME chain too long, malformed answers and the like: maybe fixed by the publisher later.
             raise DnsTemporaryError(f"{what}: {exc.__class__.__name__}: {exc}") from exc
+        secure = self.dnssec and bool(answer.response.flags & dns.flags.AD)
         if answer.rrset is None:
-            found = _Lookup(_NODATA)
+            found = _Lookup(_NODATA, secure=secure)
             self._store(key, found, min(answer.chaining_result.minimum_ttl, MAX_NEGATIVE_TTL))
         else:
-            found = _Lookup(_OK, tuple(answer.rrset), _host(answer.canonical_name))
+            found = _Lookup(_OK, tuple(answer.rrset), _host(answer.canonical_name), secure=secure)
             self._store(key, found, min(answer.chaining_result.minimum_ttl, MAX_POSITIVE_TTL))
         return found
 

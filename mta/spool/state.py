@@ -52,6 +52,7 @@ class Outcome:
     verified: bool = False
     sts_mode: str | None = None
     reason: str = ""  # longer explanation (e.g. the MTA-STS failure)
+    policy: str = "none"  # which transport policy governed: "dane" | "mta-sts" | "none" (DANE-7)
 
 
 @dataclass(frozen=True)

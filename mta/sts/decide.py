@@ -178,6 +178,7 @@ class TlsVerdict:
 
 # STS-92: certificate error text (OpenSSL's verify messages) -> RFC 8460 §4.3 result type.
 _CERT_ERRORS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("tlsa-invalid", ("tlsa-invalid",)),  # DANE: mta.dane.verify's texts start with their result type
     ("certificate-expired", ("expired", "not yet valid")),
     ("certificate-host-mismatch", ("hostname", "mismatch", "doesn't match", "does not match")),
     (
@@ -212,18 +213,23 @@ def tls_version_ok(version: str | None) -> bool:
     return (int(m.group(1)), int(m.group(2) or 0)) >= MIN_TLS
 
 
-def _tls_failure(starttls_offered: bool, tls: TlsInfo | None) -> tuple[str, str] | None:
-    """(result type, reason) of the first policy check this session fails, or None."""
+def tls_failure(starttls_offered: bool, tls: TlsInfo | None, *, check_cert: bool = True,
+                check_version: bool = True) -> tuple[str, str] | None:
+    """(result type, reason) of the first policy check this session fails, or None.
+
+    `tls.verified` is whatever judged the certificate (PKIX for MTA-STS, TLSA for DANE);
+    `check_cert=False` asks only for an encrypted session (DANE-4), `check_version=False` skips
+    STS-80's TLS 1.2 minimum (an MTA-STS rule, not a DANE one)."""
     if not starttls_offered:
         return "starttls-not-supported", "starttls-not-supported"  # STS-75
     if tls is None or tls.version is None:
         # The handshake failed; its error text (if any) may still name a certificate problem.
         error = tls.error if tls is not None else None
         return cert_result_type(error), f"tls-handshake-failed: {error}" if error else "tls-handshake-failed"
-    if not tls.verified:
+    if check_cert and not tls.verified:
         result_type = cert_result_type(tls.error)  # STS-76/77/78
         return result_type, f"{result_type}: {tls.error}" if tls.error else result_type
-    if not tls_version_ok(tls.version):
+    if check_version and not tls_version_ok(tls.version):
         return "validation-failure", f"tls-version-too-old: {tls.version}"  # STS-80
     return None
 
@@ -237,7 +243,7 @@ def check_tls(policy: Policy | None, starttls_offered: bool, tls: TlsInfo | None
     """
     if policy is None or policy.mode not in ("enforce", "testing"):
         return TlsVerdict(True, None, "")
-    failure = _tls_failure(starttls_offered, tls)
+    failure = tls_failure(starttls_offered, tls)
     if failure is None:
         return TlsVerdict(True, None, "")
     result_type, reason = failure

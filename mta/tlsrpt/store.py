@@ -13,6 +13,9 @@ What is counted (the caller reports every session, the rules are here):
 - a session under an MTA-STS policy in `testing` or `enforce` mode: policy-type "sts" with the
   policy text (Policy.lines()) kept on the row, so the report can show policy-string/mx-host;
 - a policy in mode `none`: nothing (STS-65, STS-91 "unless mode none");
+- a session to a host with DANE (a secure TLSA RRset, or a TLSA lookup that failed in a signed
+  zone): policy-type "tlsa" with the records as "usage selector mtype HEX" lines (RFC 8460 §4.4),
+  one entry per distinct RRset; with an MTA-STS policy too, the caller records under each;
 - a discovery failure with no policy at all (e.g. fetch error, nothing cached): "sts" with an empty
   policy-string, because a TXT record announced a policy (STS-91);
 - any other session only with `record_all_sessions`, as "no-policy-found";
@@ -36,7 +39,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,7 @@ from mta.tlsrpt.retry import PendingPost
 
 _log = logging.getLogger("mta.tlsrpt")
 
-STS, NO_POLICY = "sts", "no-policy-found"
+STS, TLSA, NO_POLICY = "sts", "tlsa", "no-policy-found"
 MAX_REASON = 256  # failure-reason-code is free text; cap it so one odd reply cannot bloat a report
 SCHEMA_VERSION = 1
 
@@ -161,11 +164,16 @@ class ResultStore:
 
     def record(self, *, policy_domain: str, policy: Policy | None, success: bool, result_type: str | None,
                mx_host: str | None, receiving_ip: str | None, reason: str = "",
-               sending_ip: str | None = None) -> None:
-        """Count one session (failed when its policy discovery failed, STS-91); in-memory only, no I/O."""
+               sending_ip: str | None = None, tlsa: Sequence[str] | None = None) -> None:
+        """Count one session (failed when its policy discovery failed, STS-91); in-memory only, no I/O.
+
+        `tlsa` (the RRset as presentation lines) records the session under DANE instead of `policy`.
+        """
         if not _RECORDING.get():
             return  # RPT-23: a report mail's own delivery
-        if policy is not None:
+        if tlsa is not None:
+            policy_type, text = TLSA, "\n".join(tlsa)
+        elif policy is not None:
             if policy.mode == "none":
                 return  # STS-65: mode none means "no policy" for reporting too
             policy_type, text = STS, "\n".join(policy.lines())

@@ -41,3 +41,7 @@ def test_issue10_item10_item11_cfg_2_trust_3_bind_address_is_peer_and_reported_s
     assert detail["result-type"] == "certificate-host-mismatch"
     assert detail["sending-mta-ip"] == SOURCE  # item 11: getsockname() of the session, not 127.0.0.1
     assert detail["receiving-ip"] == "127.0.0.32"
+    # `mta policy --probe` leaves from the same address as deliveries.
+    probe = run_cli(relay.config, "policy", "ok.test", "--probe", "--json", timeout=30)
+    assert probe.returncode == 0, probe.stderr
+    assert len(ok.sessions) == 2 and ok.sessions[-1].peer[0] == SOURCE

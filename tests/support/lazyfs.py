@@ -135,6 +135,8 @@ class PowerLossFs(mfusepy.Operations):
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         self._check()
+        if path is None and fh not in self.handles:
+            raise _eio()
         st = os.lstat(self._real(path)) if path is not None else os.fstat(fh or 0)
         keys = ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_blocks")
         attrs: dict[str, Any] = {k: getattr(st, k) for k in keys}

@@ -148,6 +148,22 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def stop_all(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGSTOP a process and its descendants and wait until they stand still: the CPU side of a
+    power cut. File operations already handed to the file system finish first (they happened
+    before the cut); nothing after that reaches the disk or the network."""
+    if proc.poll() is not None:
+        return
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline and _state(pid) not in ("T", "Z", ""):
+            time.sleep(0.005)
+
+
 def kill_all(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """SIGKILL a process and all its descendants at once (as a power cut stops them), and wait."""
     if proc.poll() is not None:
@@ -164,8 +180,13 @@ def kill_all(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 
 
 def _alive(pid: int) -> bool:
+    return _state(pid) not in ("Z", "")
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (R, S, D, T, Z, ...); '' when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""

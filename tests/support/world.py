@@ -22,7 +22,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tests.support.fake_dns import FakeDns
+from tests.support.fake_dns import FakeDns, Zone
 from tests.support.fake_mx import FakeMx
 from tests.support.pki import TestPki
 from tests.support.policy_server import PolicyServer
@@ -50,10 +50,10 @@ def _free_port_on(addresses: list[str]) -> int:
 
 
 class World:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, zone: Zone | None = None) -> None:
         self.tmp = tmp
         self.pki = TestPki(tmp / "pki")
-        self.dns = FakeDns(host="127.0.0.53").start()
+        self.dns = FakeDns(zone=zone, host="127.0.0.53").start()  # zone: e.g. a dnssec.SignedZone
         self.smtp_port = _free_port_on([f"127.0.0.{i}" for i in range(20, 40)])
         self.mxs: dict[str, FakeMx] = {}
         self.policy = PolicyServer(self.pki, POLICY_ADDRESS, port=_free_port_on([POLICY_ADDRESS]))
