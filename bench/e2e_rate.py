@@ -11,6 +11,12 @@ validating resolver, tests/support/dnssec.py) with `[dns] dnssec = true`: `dane`
 scrapes /metrics every second during the run, as an impatient Prometheus would; at the end the
 delivered counter must equal N.
 
+--cluster (issue 15) runs the same relay alternately on SQLite and with `[cluster] database` on a
+private PostgreSQL (tests/support/postgres.py), `--rounds` times each, and prints the ratio of the
+median end-to-end rates and of the CPU per message (cluster / SQLite):
+
+    .venv/bin/python bench/e2e_rate.py --n 1000 --mode enforce --tlsrpt --cluster [--rounds 3]
+
 Prints one line: mode, N, submission rate, end-to-end rate, submission p50/p99, MX sessions, and
 the CPU time of the relay's processes per message (steadier than rates on a busy machine).
 """
@@ -69,7 +75,11 @@ def main() -> int:
     ap.add_argument("--tlsrpt", action="store_true", help="record sessions for TLS reporting")
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every delivery")
     ap.add_argument("--metrics", action="store_true", help="[http] on, /metrics scraped every second")
+    ap.add_argument("--cluster", action="store_true", help="compare SQLite with [cluster] database (PostgreSQL)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --cluster: runs of each")
     args = ap.parse_args()
+    if args.cluster:
+        return compare(args)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         signed = args.mode in ("dane", "dnssec")
@@ -147,6 +157,87 @@ def main() -> int:
                 resolver.stop()
             world.close()
     return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """SQLite vs PostgreSQL state stores, alternating in one run (same world, same MX, fresh spools)."""
+    import statistics
+
+    from tests.support.postgres import PostgresServer
+    from tests.support.relay import deep_merge
+
+    pg = PostgresServer().start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            world = World(tmp)
+            world.zone.default_ttl = 300
+            try:
+                mx = world.mx_host("mx1.dst.test", "127.0.0.21", cert=None if args.mode == "plain" else "valid")
+                world.domain("dst.test", [(10, "mx1.dst.test")])
+                if args.mode == "enforce":
+                    world.sts("dst.test", "enforce", ["mx1.dst.test"])
+                rates: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
+                cpus: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
+                for r in range(args.rounds):
+                    for kind in rates:
+                        spool = tmp / f"{kind}{r}"
+                        extra: dict[str, Any] = {
+                            "queue": {"path": str(spool)}, "mta_sts": {"cache_path": str(spool / "sts.db")},
+                            "log": {"format": "json", "level": "warning"}}
+                        if args.tlsrpt:
+                            key = make_key(tmp / "keys", "relay.test", "rpt")  # report mails are signed (RPT-18)
+                            extra["tlsrpt"] = {"enabled": True, "contact_info": "t@relay.test",
+                                               "report_sender": "r@relay.test", "db_path": str(spool / "rpt.db")}
+                            extra["dkim"] = {"keys": [key.config()]}
+                        if kind == "postgresql":
+                            extra["cluster"] = {"database": pg.create_database(), "node_name": f"bench{r}"}
+                        relay = world.relay(deep_merge(world.config(), extra), name=f"{kind}{r}.toml")
+                        mx.clear()
+                        line, e2e, cpu = measure(relay, mx, args.n, args.timeout)
+                        relay.stop()
+                        rates[kind].append(e2e)
+                        cpus[kind].append(cpu)
+                        print(f"{kind:<10} round={r + 1} mode={args.mode} tlsrpt={args.tlsrpt} {line}", flush=True)
+                med = {k: statistics.median(v) for k, v in rates.items()}
+                cpu_med = {k: statistics.median(v) for k, v in cpus.items()}
+                print(f"median e2e: sqlite={med['sqlite']:.0f}/s postgresql={med['postgresql']:.0f}/s "
+                      f"ratio={med['postgresql'] / med['sqlite']:.2f}; cpu ms/msg: sqlite={cpu_med['sqlite']:.2f} "
+                      f"postgresql={cpu_med['postgresql']:.2f} ratio={cpu_med['postgresql'] / cpu_med['sqlite']:.2f}")
+            finally:
+                world.close()
+    finally:
+        pg.destroy()
+    return 0
+
+
+def measure(relay: Any, mx: Any, total: int, timeout: float) -> tuple[str, float, float]:
+    """Submit `total` messages over 20 sessions: (result line, end-to-end rate, CPU ms per message)."""
+    host, port = listen_address(relay.data)
+    latencies: list[float] = []
+
+    async def client(k: int, n: int) -> None:
+        async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=30) as c:
+            for _ in range(n):
+                t = time.monotonic()
+                await c.sendmail("s@src.test", [f"u{k}@dst.test"], MSG)
+                latencies.append(time.monotonic() - t)
+
+    async def run() -> None:
+        await asyncio.gather(*(client(k, total // 20) for k in range(20)))
+
+    cpu0 = tree_cpu(relay.proc.pid)
+    t0 = time.monotonic()
+    asyncio.run(run())
+    t1 = time.monotonic()
+    mx.wait_for_messages_blocking(len(latencies), timeout=timeout)
+    t2 = time.monotonic()
+    n = len(latencies)
+    cpu_ms = (tree_cpu(relay.proc.pid) - cpu0) * 1000 / n
+    latencies.sort()
+    return (f"N={n} submit={n / (t1 - t0):.0f}/s e2e={n / (t2 - t0):.0f}/s p50={latencies[n // 2] * 1000:.1f}ms "
+            f"p99={latencies[int(n * 0.99)] * 1000:.1f}ms sessions={len(mx.sessions)} cpu_ms_per_msg={cpu_ms:.2f}",
+            n / (t2 - t0), cpu_ms)
 
 
 if __name__ == "__main__":

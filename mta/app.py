@@ -14,6 +14,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mta import log, metrics, runtime
 from mta.config import Config, parse_hostport
@@ -29,6 +30,10 @@ from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.listener import Listeners, build_listeners
 
+if TYPE_CHECKING:
+    from mta.cluster.db import ClusterDb
+    from mta.sts.cache import PolicyStore
+
 _log = logging.getLogger("mta.app")
 DRAIN_TIMEOUT = 20.0
 
@@ -38,11 +43,32 @@ def build_resolver(cfg: Config) -> Resolver:
                     dnssec=cfg.dns.dnssec)
 
 
-def build_sts(cfg: Config, resolver: Resolver) -> object | None:
+def build_cluster(cfg: Config) -> ClusterDb | None:
+    """The shared PostgreSQL of `[cluster] database`, or None: one node on SQLite (issue 15)."""
+    if not cfg.cluster.database:
+        return None
+    from mta.cluster import node_name
+    from mta.cluster.db import ClusterDb
+
+    return ClusterDb(cfg.cluster.database, node_name(cfg.cluster), on_state=metrics.cluster_database)
+
+
+def build_policy_store(cfg: Config, cluster: ClusterDb | None) -> PolicyStore:
+    """The one choice of policy cache (ARCHITECTURE.md "State stores"): SQLite file or PostgreSQL."""
+    if cluster is not None:
+        from mta.cluster.policies import PgPolicyCache
+
+        return PgPolicyCache(cluster)
+    from mta.sts.cache import PolicyCache
+
+    Path(cfg.mta_sts.cache_path).parent.mkdir(parents=True, exist_ok=True)
+    return PolicyCache(cfg.mta_sts.cache_path)
+
+
+def build_sts(cfg: Config, resolver: Resolver, cluster: ClusterDb | None = None) -> object | None:
     """The MTA-STS service, or None when `[mta_sts] enabled = false`."""
     if not cfg.mta_sts.enabled:
         return None
-    from mta.sts.cache import PolicyCache
     from mta.sts.service import StsService
 
     overrides: dict[str, object] = {}
@@ -54,8 +80,7 @@ def build_sts(cfg: Config, resolver: Resolver) -> object | None:
 
             # config.py accepts only "none" or a whole policy text (issue 10 item 9 decision).
             overrides[domain.lower()] = parse_policy(value.encode("utf-8", "surrogateescape"))
-    Path(cfg.mta_sts.cache_path).parent.mkdir(parents=True, exist_ok=True)
-    return StsService(resolver=resolver, cache=PolicyCache(cfg.mta_sts.cache_path), https_port=cfg.mta_sts.https_port,
+    return StsService(resolver=resolver, cache=build_policy_store(cfg, cluster), https_port=cfg.mta_sts.https_port,
                       ca_file=cfg.tls.ca_file or None, fetch_timeout=cfg.mta_sts.fetch_timeout,
                       draft03_compat=cfg.mta_sts.draft03_compat, overrides=overrides)  # type: ignore[arg-type]
 
@@ -91,7 +116,8 @@ class Relay:
         self.store = store or SpoolStore(cfg.queue.path)
         self.stop_event = asyncio.Event()
         self.resolver = build_resolver(cfg)
-        self.sts = build_sts(cfg, self.resolver)
+        self.cluster = build_cluster(cfg)
+        self.sts = build_sts(cfg, self.resolver, self.cluster)
         self.pool = ConnectionPool(cfg.delivery.connection_reuse_time, max_per_key=cfg.delivery.per_domain_concurrency)
         relay_auth = None
         if cfg.delivery.relayhost_username:
@@ -126,6 +152,11 @@ class Relay:
 
         if not self.cfg.tlsrpt.enabled:
             return NullRecorder()
+        if self.cluster is not None:
+            from mta.cluster.tlsrpt import PgResultStore
+
+            return PgResultStore(self.cluster, sending_ip="127.0.0.1",
+                                 record_all_sessions=self.cfg.tlsrpt.record_all_sessions)
         from mta.tlsrpt.store import ResultStore
 
         # Each session records its own local address (getsockname, issue 10 item 11); this default
@@ -145,6 +176,10 @@ class Relay:
         half-written files, and would remove the child's if it were already accepting mail."""
         if self.store._lock_fd is None:
             self.store.lock()
+        if self.cluster is not None:
+            # Bounded: a database that is down or slow is logged and retried in the background
+            # (CLU-5); only a schema from a newer mta stops the start (SchemaTooNew, one line).
+            await self._start_cluster()
         started = time.monotonic() - resume_seconds  # recovery may have run before the fork
         if resumed is None:
             def guarded() -> list[tuple[str, float]]:
@@ -183,6 +218,33 @@ class Relay:
             self.http = await server.start(relay_ops.build_ops(self), self.cfg.http)
         log.event("started", listen=listen, queued=count, resume_seconds=round(time.monotonic() - started, 2),
                   submission_pid=child[0] if child else None)
+
+    async def _start_cluster(self) -> None:
+        assert self.cluster is not None
+        from mta.cluster.db import ClusterError
+        from mta.cluster.nodes import heartbeat_loop
+        from mta.cluster.policies import PgPolicyCache
+
+        if await self.cluster.start():
+            cache = getattr(self.sts, "cache", None)
+            if isinstance(cache, PgPolicyCache):
+                with contextlib.suppress(ClusterError):
+                    await cache.sync_once(full=True)  # policies stored by the other nodes apply from the start
+        loop = asyncio.get_running_loop()
+        cache = getattr(self.sts, "cache", None)
+        if isinstance(cache, PgPolicyCache):
+            self._background.append(loop.create_task(cache.run(self.stop_event)))
+        self._background.append(loop.create_task(heartbeat_loop(
+            self.cluster, self.queue_summary, time.time(), self.cfg.cluster.heartbeat_interval, self.stop_event)))
+
+    def queue_summary(self) -> dict[str, object]:
+        """This node's queue for the cluster node table: the same figures as the queue gauges."""
+        from mta.spool.store import id_created
+
+        due, inflight, held = self.scheduler.snapshot()
+        states, oldest_age = metrics.queue_gauges(due, inflight, held, time.time(), id_created)
+        oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - oldest_age)) if oldest_age else None
+        return {"queued": sum(states.values()), **states, "oldest": oldest, "oldest_age": round(oldest_age, 1)}
 
     async def _attach(self, pid: int, fd: int) -> str:
         """Follow the submission child's pipe; returns its listen addresses once it is ready."""
@@ -237,6 +299,11 @@ class Relay:
             await self.recorder.close()
         if self.sts is not None and hasattr(self.sts, "close"):
             await self.sts.close()
+        if self.cluster is not None:
+            cache = getattr(self.sts, "cache", None)
+            if cache is not None:
+                await cache.close()  # last dirty policies, if the database answers
+            await self.cluster.close()
         if self.http is not None:  # last: /readyz answers 503 "stopping" while we drain
             await self.http.cleanup()  # type: ignore[attr-defined]
         self.store.unlock()

@@ -1,7 +1,7 @@
 """Command-line interface: parses arguments, formats output and exit codes; no business logic.
 
     mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
-        | dkim keygen|check | sendmail
+        | dkim keygen|check | sendmail | cluster status
 Every command takes --config F (default: $MTA_CONFIG, else config.toml). Exit codes: 0 ok, 1 error, 2 usage.
 """
 
@@ -83,7 +83,7 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from mta.app import resume, serve
 
     preflight.check(cfg)  # the same checks as check-config, before anything starts (issue 10 item 9)
-    for warning in config_mod.warnings(cfg):
+    for warning in preflight.warnings(cfg):
         log.event("config-warning", reason=warning)
 
     store: SpoolStore | None = None
@@ -113,7 +113,7 @@ def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from mta import preflight
 
     preflight.check(cfg)
-    for warning in config_mod.warnings(cfg):
+    for warning in preflight.warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     applied = config_mod.env_applied(os.environ)
     print(f"{cfg.source}: ok" + (f" (overridden by {', '.join(applied)})" if applied else ""))
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mta.cli_tlsrpt import add_tlsrpt_parser
 
     add_tlsrpt_parser(sub, common)
+    from mta.cli_cluster import add_cluster_parser
+
+    add_cluster_parser(sub, common)
     from mta.cli_dkim import add_dkim_parser
 
     add_dkim_parser(sub, common)

@@ -22,10 +22,13 @@ import asyncio
 import datetime
 import json
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mta.config import Config
 from mta.errors import DeliveryError, DnsError, MtaError, StsError, StsRecordError
+
+if TYPE_CHECKING:
+    from mta.sts.decide import CacheEntry
 
 NO_POLICY = "no-policy-found"  # RFC 8460 §4.4 policy-type for a domain without a policy
 
@@ -157,6 +160,25 @@ async def probe(cfg: Config, info: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+async def _cluster_cached(cfg: Config) -> tuple[list[CacheEntry], dict[str, str], str | None]:
+    """The policy cache shared by a cluster's nodes (issue 15): entries, damaged rows, or an error."""
+    from mta.cli_cluster import open_cluster
+    from mta.cluster.policies import PgPolicyCache
+
+    try:
+        db = await open_cluster(cfg)
+    except MtaError as exc:
+        return [], {}, str(exc)
+    try:
+        cache = PgPolicyCache(db)
+        await cache.load()
+        return await cache.all(), cache.damaged(), None
+    except MtaError as exc:
+        return [], {}, str(exc)
+    finally:
+        await db.close()
+
+
 async def cached(cfg: Config) -> tuple[list[dict[str, Any]], bool]:
     """(rows, healthy): one row per cached policy, plus one per damaged row (issue 10 item 3).
 
@@ -165,16 +187,21 @@ async def cached(cfg: Config) -> tuple[list[dict[str, Any]], bool]:
     """
     from mta.sts.cache import CacheError, PolicyCache
 
-    cache = PolicyCache(cfg.mta_sts.cache_path)
     empty = {"txt_id": None, "mode": None, "mx": None, "max_age": None, "dialect": None, "fetched_at": None,
              "expires_at": None}
-    try:
-        entries = await cache.all()
-        damaged = cache.damaged()
-    except CacheError as exc:
-        return [{"domain": None, **empty, "error": f"{exc}; no cached policy can be applied"}], False
-    finally:
-        await cache.close()
+    if cfg.cluster.database:
+        entries, damaged, error = await _cluster_cached(cfg)
+        if error is not None:
+            return [{"domain": None, **empty, "error": f"{error}; no cached policy can be read"}], False
+    else:
+        cache = PolicyCache(cfg.mta_sts.cache_path)
+        try:
+            entries = await cache.all()
+            damaged = cache.damaged()
+        except CacheError as exc:
+            return [{"domain": None, **empty, "error": f"{exc}; no cached policy can be applied"}], False
+        finally:
+            await cache.close()
 
     def iso(ts: float) -> str:
         return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

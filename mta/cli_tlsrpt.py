@@ -59,7 +59,15 @@ async def _run(cfg: Config, args: argparse.Namespace, send: bool) -> int:
     server = store.is_locked_by_other()
     if server:
         await asyncio.sleep(SERVER_FLUSH_WAIT)  # let `mta serve` write its in-memory counts
-    results = ResultStore(cfg.tlsrpt.db_path)
+    db = None
+    if cfg.cluster.database:
+        from mta.cli_cluster import open_cluster
+        from mta.cluster.tlsrpt import PgResultStore
+
+        db = await open_cluster(cfg)  # the counts and claims of every node (issue 15)
+        results: ResultStore = PgResultStore(db)
+    else:
+        results = ResultStore(cfg.tlsrpt.db_path)
     queued: list[str] = []
 
     def on_queued(meta: MessageMeta) -> None:
@@ -77,7 +85,9 @@ async def _run(cfg: Config, args: argparse.Namespace, send: bool) -> int:
             return _print_preview(day, await sender.preview(day), args.json)
         outcomes = await sender.send_day(day)
     finally:
-        await asyncio.to_thread(results.close_sync)
+        await results.close()
+        if db is not None:
+            await db.close()
     if args.json:
         print(json.dumps([o.to_json() for o in outcomes], indent=1))
     else:

@@ -308,6 +308,16 @@ class StateCollector(Collector):
 
 
 _state: list[StateCollector] = []
+_cluster_up: list[Gauge] = []
+
+
+def cluster_database(up: bool) -> None:
+    """`mta_cluster_database_up` (issue 15): 1 while the cluster database answers, 0 while it does
+    not. Registered on first use, so a relay without `[cluster] database` does not export it."""
+    if not _cluster_up:
+        _cluster_up.append(Gauge("mta_cluster_database_up", "1 while the cluster database is reachable, else 0",
+                                 registry=REGISTRY))
+    _cluster_up[0].set(1.0 if up else 0.0)
 
 
 def watch_state(read: Callable[[], tuple[dict[str, int], float, int]]) -> None:

@@ -33,7 +33,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from mta.db import open_wal
 from mta.errors import MtaError, StsPolicyError
@@ -65,6 +65,21 @@ _COLUMNS = "domain, txt_id, policy_text, dialect, fetched_at, expires_at, failed
 
 class CacheError(MtaError):
     """The policy cache file could not be opened, read or written."""
+
+
+class PolicyStore(Protocol):
+    """What the MTA-STS service needs of a policy cache: this SQLite one, or the cluster's on
+    PostgreSQL (mta.cluster.policies, issue 15). `mta.app` picks one from `[cluster] database`."""
+
+    async def get(self, domain: str) -> CacheEntry | None: ...
+    def peek(self, domain: str) -> CacheEntry | None: ...
+    def damage(self, domain: str) -> str | None: ...
+    def damaged(self) -> dict[str, str]: ...
+    async def put(self, entry: CacheEntry, expected: CacheEntry | object | None = ANY) -> bool: ...
+    async def all(self) -> list[CacheEntry]: ...
+    async def touch(self, domain: str, now: float) -> None: ...
+    def last_used(self, domain: str) -> float | None: ...
+    async def close(self) -> None: ...
 
 
 class PolicyCache:

@@ -24,7 +24,7 @@ from typing import Any
 
 from mta.errors import DnsError, DnsPermanentError, MtaError, StsError, StsRecordError
 from mta.net.dns import Resolver, to_ascii
-from mta.sts.cache import ANY, PolicyCache
+from mta.sts.cache import ANY, PolicyStore
 from mta.sts.decide import (
     Action,
     CacheEntry,
@@ -69,7 +69,7 @@ class StsService:
         self,
         *,
         resolver: Resolver,
-        cache: PolicyCache,
+        cache: PolicyStore,
         https_port: int = 443,
         ca_file: str | None = None,
         fetch_timeout: float = 60.0,

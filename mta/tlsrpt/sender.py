@@ -189,8 +189,8 @@ class ReportSender:
 
     async def preview(self, day: datetime.date) -> list[dict[str, Any]]:
         """What would be sent for `day`: per domain the rua targets, the sent row and the report JSON."""
-        summaries = await asyncio.to_thread(self.results.summaries_sync, day)
-        sent = await asyncio.to_thread(self.results.sent_sync, day)
+        summaries = await self.results.summaries(day)
+        sent = await self.results.sent(day)
         out: list[dict[str, Any]] = []
         for domain, policies in sorted(summaries.items()):
             entry: dict[str, Any] = {"domain": domain, "rua": None, "error": None, "sent": None, "report": None}
@@ -211,8 +211,8 @@ class ReportSender:
 
     async def send_day(self, day: datetime.date) -> list[DomainResult]:
         """Send every not yet claimed report of `day`; returns one result per domain with counts."""
-        summaries = await asyncio.to_thread(self.results.summaries_sync, day)
-        sent = await asyncio.to_thread(self.results.sent_sync, day)
+        summaries = await self.results.summaries(day)
+        sent = await self.results.sent(day)
         results: list[DomainResult] = []
         async with self._session() as session:
             for domain, policies in sorted(summaries.items()):
@@ -238,7 +238,7 @@ class ReportSender:
         except (ValueError, DnsError) as exc:
             _log.error("tlsrpt: cannot build the report of %s for %s: %s", domain, day, exc)
             return DomainResult(day, domain, "error", f"cannot build the report: {exc}")
-        if not await asyncio.to_thread(self.results.claim_sync, day, report.domain, report.report_id):
+        if not await self.results.claim(day, report.domain, report.report_id):
             return DomainResult(day, domain, "skipped", "already claimed by another sender")
         jobs = [self._mail(report, address, n) for n, address in enumerate(record.mailto)]
         jobs += [self._post(session, report, url) for url in record.https]
@@ -249,7 +249,7 @@ class ReportSender:
         if not ok and record.https and await self._queue_retries(report, record.https,
                                                                  [t for _, t in outcomes[len(record.mailto):]]):
             status = "retrying"
-        await asyncio.to_thread(self.results.finish_sync, day, report.domain, status, "; ".join(targets))
+        await self.results.finish(day, report.domain, status, "; ".join(targets), report.report_id)
         log.event("tlsrpt", domain=report.domain, day=day.isoformat(), report_id=report.report_id, status=status,
                   reason="; ".join(targets))
         return DomainResult(day, domain, status, "; ".join(targets), report.report_id, targets)
@@ -263,8 +263,8 @@ class ReportSender:
         posts = [PendingPost(report.day, report.domain, url, report.report_id, report.gz, now, 1, when, err)
                  for url, err in zip(urls, errors, strict=True)]
         try:
-            await asyncio.to_thread(self.results.add_retries_sync, posts)
-        except sqlite3.Error as exc:
+            await self.results.add_retries(posts)
+        except (sqlite3.Error, MtaError) as exc:  # MtaError: the cluster database (issue 15)
             _log.error("tlsrpt: cannot keep the report of %s for retries: %s", report.domain, exc)
             return False
         _log.warning("tlsrpt: report of %s not delivered; trying again for 24 h", report.domain)
@@ -272,7 +272,7 @@ class ReportSender:
 
     async def retry_due(self) -> list[DomainResult]:
         """One more POST for each queued report whose next try is due (RPT-21); one result per report."""
-        due = await asyncio.to_thread(self.results.due_retries_sync, self.clock())
+        due = await self.results.due_retries(self.clock())
         by_report: dict[tuple[datetime.date, str], list[PendingPost]] = {}
         for post in due:
             by_report.setdefault((post.day, post.domain), []).append(post)
@@ -295,15 +295,15 @@ class ReportSender:
             except ReportDeliveryError as exc:
                 when = next_try(post.first_failed, post.tries + 1, self.clock(), self.rng)
                 if when is None:
-                    left = await asyncio.to_thread(self.results.drop_retry_sync, day, domain, post.url)
+                    left = await self.results.drop_retry(day, domain, post.url)
                     notes.append(f"{exc}; given up after {post.tries + 1} rounds in 24 h")
                 else:
                     again = PendingPost(day, domain, post.url, report_id, post.body, post.first_failed,
                                         post.tries + 1, when, str(exc))
-                    await asyncio.to_thread(self.results.add_retries_sync, [again])
+                    await self.results.add_retries([again])
                     notes.append(f"{exc}; next try in {when - self.clock():.0f} s")
                 continue
-            await asyncio.to_thread(self.results.drop_retry_sync, day, domain)  # one accepting target is enough
+            await self.results.drop_retry(day, domain)  # one accepting target is enough
             return await self._finish(day, domain, "sent", report_id, [f"{post.url}: {status} (try {post.tries + 1})"])
         if left == 0:
             return await self._finish(day, domain, "failed", report_id, notes)
@@ -311,7 +311,7 @@ class ReportSender:
 
     async def _finish(self, day: datetime.date, domain: str, status: str, report_id: str,
                       targets: list[str]) -> DomainResult:
-        await asyncio.to_thread(self.results.finish_sync, day, domain, status, "; ".join(targets))
+        await self.results.finish(day, domain, status, "; ".join(targets), report_id)
         log.event("tlsrpt", domain=domain, day=day.isoformat(), report_id=report_id, status=status,
                   reason="; ".join(targets))
         return DomainResult(day, domain, status, "; ".join(targets), report_id, targets)
@@ -361,10 +361,10 @@ class ReportSender:
         await self.results.flush()  # this process's latest counts belong in the reports
         first = today - datetime.timedelta(days=CATCHUP_DAYS)
         out: list[DomainResult] = []
-        for day in await asyncio.to_thread(self.results.days_sync):
+        for day in await self.results.days():
             if first <= day < today:
                 out.extend(await self.send_day(day))
-        await asyncio.to_thread(self.results.prune_sync, today - datetime.timedelta(days=RETENTION_DAYS))
+        await self.results.prune(today - datetime.timedelta(days=RETENTION_DAYS))
         return out
 
 

@@ -39,7 +39,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,31 @@ class SentRow:
     claimed_at: float
     status: str  # claimed | sent | retrying | failed
     detail: str
+
+
+def build_summaries(failure_rows: Iterable[Sequence[object]],
+                    session_rows: Iterable[Sequence[object]]) -> dict[str, list[PolicySummary]]:
+    """PolicySummary lists per domain from stored rows, in a stable order (any store's rows).
+
+    failure_rows: (domain, policy_type, policy_text, result_type, sending_ip, mx_host, receiving_ip,
+    reason_code, count); session_rows: (domain, policy_type, policy_text, successful, failed).
+    """
+    out: dict[str, list[PolicySummary]] = {}
+    details: dict[tuple[str, str, str], list[FailureDetail]] = {}
+    for domain, ptype, text, rtype, sip, mx, rip, code, count in sorted(
+            ((*(str(v) for v in r[:8]), int(r[8])) for r in failure_rows),  # type: ignore[call-overload]
+            key=lambda r: (r[0], r[1], r[2], r[3], r[5], r[6], r[4], r[7])):
+        details.setdefault((domain, ptype, text), []).append(FailureDetail(
+            result_type=rtype, sending_mta_ip=sip or None, receiving_mx_hostname=mx or None,
+            receiving_ip=rip or None, failed_session_count=count, failure_reason_code=code or None))
+    for domain, ptype, text, ok, bad in sorted(
+            (str(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4])) for r in session_rows):  # type: ignore[call-overload]
+        lines = tuple(text.split("\n")) if text else ()
+        out.setdefault(domain, []).append(PolicySummary(
+            policy_type=ptype, policy_string=lines, policy_domain=domain,
+            mx_host=tuple(line[4:] for line in lines if line.startswith("mx: ")),
+            successful=ok, failed=bad, failures=tuple(details.get((domain, ptype, text), ()))))
+    return out
 
 
 class ResultStore:
@@ -311,26 +336,11 @@ class ResultStore:
     def summaries_sync(self, day: datetime.date) -> dict[str, list[PolicySummary]]:
         """Stored counts of `day` per policy domain: one PolicySummary per applied policy (RPT-10)."""
         iso = day.isoformat()
-        out: dict[str, list[PolicySummary]] = {}
-        details: dict[tuple[str, str, str], list[FailureDetail]] = {}
-        for domain, ptype, text, rtype, sip, mx, rip, code, count in self._query(
-                "SELECT domain, policy_type, policy_text, result_type, sending_ip, mx_host, receiving_ip, "
-                "reason_code, count FROM failures WHERE day = ? ORDER BY domain, policy_type, policy_text, "
-                "result_type, mx_host, receiving_ip, sending_ip, reason_code", (iso,)):
-            details.setdefault((str(domain), str(ptype), str(text)), []).append(FailureDetail(
-                result_type=str(rtype), sending_mta_ip=str(sip) or None, receiving_mx_hostname=str(mx) or None,
-                receiving_ip=str(rip) or None, failed_session_count=int(count),  # type: ignore[call-overload]
-                failure_reason_code=str(code) or None))
-        for domain, ptype, text, ok, bad in self._query(
-                "SELECT domain, policy_type, policy_text, successful, failed FROM sessions WHERE day = ? "
-                "ORDER BY domain, policy_type, policy_text", (iso,)):
-            lines = tuple(str(text).split("\n")) if text else ()
-            out.setdefault(str(domain), []).append(PolicySummary(
-                policy_type=str(ptype), policy_string=lines, policy_domain=str(domain),
-                mx_host=tuple(line[4:] for line in lines if line.startswith("mx: ")),
-                successful=int(ok), failed=int(bad),  # type: ignore[call-overload]
-                failures=tuple(details.get((str(domain), str(ptype), str(text)), ()))))
-        return out
+        return build_summaries(
+            self._query("SELECT domain, policy_type, policy_text, result_type, sending_ip, mx_host, receiving_ip, "
+                        "reason_code, count FROM failures WHERE day = ?", (iso,)),
+            self._query("SELECT domain, policy_type, policy_text, successful, failed FROM sessions WHERE day = ?",
+                        (iso,)))
 
     def prune_sync(self, before: datetime.date) -> None:
         """Forget counts and sent rows of days before `before` (they can no longer be reported)."""
@@ -338,6 +348,36 @@ class ResultStore:
         with self._transaction() as conn:
             for table in ("sessions", "failures", "sent", "post_retries"):
                 conn.execute(f"DELETE FROM {table} WHERE day < ?", (iso,))  # table names are constants
+
+    # -- the async API the sender uses (the cluster store overrides these, issue 15) ------------
+
+    async def days(self) -> list[datetime.date]:
+        return await asyncio.to_thread(self.days_sync)
+
+    async def summaries(self, day: datetime.date) -> dict[str, list[PolicySummary]]:
+        return await asyncio.to_thread(self.summaries_sync, day)
+
+    async def prune(self, before: datetime.date) -> None:
+        await asyncio.to_thread(self.prune_sync, before)
+
+    async def claim(self, day: datetime.date, domain: str, report_id: str) -> bool:
+        return await asyncio.to_thread(self.claim_sync, day, domain, report_id)
+
+    async def finish(self, day: datetime.date, domain: str, status: str, detail: str = "",
+                     report_id: str | None = None) -> None:
+        await asyncio.to_thread(self.finish_sync, day, domain, status, detail)
+
+    async def sent(self, day: datetime.date) -> dict[str, SentRow]:
+        return await asyncio.to_thread(self.sent_sync, day)
+
+    async def add_retries(self, posts: list[PendingPost]) -> None:
+        await asyncio.to_thread(self.add_retries_sync, posts)
+
+    async def due_retries(self, now: float) -> list[PendingPost]:
+        return await asyncio.to_thread(self.due_retries_sync, now)
+
+    async def drop_retry(self, day: datetime.date, domain: str, url: str | None = None) -> int:
+        return await asyncio.to_thread(self.drop_retry_sync, day, domain, url)
 
     # -- the sent table ------------------------------------------------------------------------
 

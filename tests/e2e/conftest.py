@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.postgres import own_pg, pg_server, pg_url
 from tests.support.world import World
+
+__all__ = ["own_pg", "pg_server", "pg_url"]  # PostgreSQL for the cluster tests (issue 15)
 
 
 @pytest.fixture

@@ -138,13 +138,13 @@ def test_dane_5_ta_wrong_name_defers(dane: DaneWorld) -> None:
     assert mx.messages == [] and not mx.saw("MAIL")
 
 
-def test_dane_7_sts_90_mismatch_defers_despite_valid_sts_and_is_reported_twice(dane: DaneWorld) -> None:
+def test_dane_7_sts_90_rpt_19_mismatch_defers_despite_valid_sts_and_is_reported_twice(dane: DaneWorld) -> None:
     world = dane.world
     mx = world.mx_host("mx1.dane.test", "127.0.0.21", cert="valid")  # PKIX-valid: MTA-STS would accept
     world.domain("dane.test", [(10, "mx1.dane.test")])
     world.sts("dane.test", "enforce", ["mx1.dane.test"])
     dane.tlsa("mx1.dane.test", "3 1 1 " + "ab" * 32)
-    world.zone.add("_smtp._tls.dane.test", "TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@src.test"')
+    world.zone.add("_smtp._tls.dane.test", "TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@dane.test"')
     db = world.tmp / "queue" / "tlsrpt.db"
     key = make_key(world.tmp / "keys", "relay.test", "rpt")  # report mails are DKIM-signed (RPT-18)
     relay = dane.relay(tlsrpt={"enabled": True, "contact_info": "tlsrpt@relay.test",
@@ -166,6 +166,11 @@ def test_dane_7_sts_90_mismatch_defers_despite_valid_sts_and_is_reported_twice(d
     assert {d["result-type"] for d in tlsa["failure-details"]} == {"tlsa-invalid"}
     assert tlsa["failure-details"][0]["receiving-mx-hostname"] == "mx1.dane.test"
     assert policies["sts"]["summary"]["total-successful-session-count"] >= 1  # PKIX view: fine
+    # RPT-19: the report itself reaches the very MX whose TLSA records do not match.
+    sent = json.loads(run_cli(relay.config, "tlsrpt", "send", "--date", today, "--json", timeout=60).stdout)
+    assert [r["domain"] for r in sent] == ["dane.test"]
+    [report] = mx.wait_for_messages_blocking(1, timeout=20)
+    assert report.rcpt_tos == ["tlsrpt@dane.test"]
 
 
 @pytest.mark.parametrize("how", ["expired", "missing"])

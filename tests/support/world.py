@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import smtplib
 import socket
 from pathlib import Path
@@ -132,6 +133,10 @@ class World:
             return msg.decode().rsplit(" ", 1)[-1]
 
     def close(self) -> None:
+        for relay in self.relays:  # SIGTERM to all first: several relays drain side by side
+            if relay.proc is not None and relay.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    relay.proc.send_signal(signal.SIGTERM)
         for relay in self.relays:
             with contextlib.suppress(Exception):
                 relay.stop(timeout=10)
