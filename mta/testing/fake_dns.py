@@ -268,6 +268,16 @@ class FakeDns:
             return udp, tcp
         raise OSError(f"no free port pair on {self.host}")
 
+    # -- zone shortcuts (mta.testing's `mta_world.dns` is "the zone" to users, KIT-1) ---------
+
+    def add(self, name: str, rdtype: str, value: str, ttl: int | None = None) -> None:
+        """`zone.add`: e.g. dns.add("example.test", "TXT", '"v=spf1 -all"')."""
+        self.zone.add(name, rdtype, value, ttl)
+
+    def remove(self, name: str, rdtype: str | None = None, value: str | None = None) -> None:
+        """`zone.remove`."""
+        self.zone.remove(name, rdtype, value)
+
     # -- query log (O-DNS) -------------------------------------------------------------------
 
     @property
