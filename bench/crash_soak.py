@@ -42,7 +42,7 @@ def main() -> int:
         where = args.keep or Path(tmp)
         where.mkdir(parents=True, exist_ok=True)
         result = run_soak(where, args.rounds, seed=args.seed, clients=args.clients, drain_timeout=300,
-                          powercut=args.powercut, writeback=args.writeback)
+                          powercut=args.powercut, writeback=args.writeback, start_timeout=120)
     print(result.line() + f" unexplained_duplicates={result.unexplained_duplicates}"
           f" seconds={time.monotonic() - started:.0f}")
     if result.leftovers:

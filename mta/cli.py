@@ -83,7 +83,7 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from mta.app import resume, serve
 
     preflight.check(cfg)  # the same checks as check-config, before anything starts (issue 10 item 9)
-    for warning in config_mod.warnings(cfg):
+    for warning in preflight.warnings(cfg):
         log.event("config-warning", reason=warning)
 
     store: SpoolStore | None = None
@@ -113,7 +113,7 @@ def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from mta import preflight
 
     preflight.check(cfg)
-    for warning in config_mod.warnings(cfg):
+    for warning in preflight.warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     applied = config_mod.env_applied(os.environ)
     print(f"{cfg.source}: ok" + (f" (overridden by {', '.join(applied)})" if applied else ""))

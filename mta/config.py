@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
 import re
 import tomllib
 import typing
@@ -19,39 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mta.errors import ConfigError, MtaError
+from mta.config_dkim import DKIM_ALGORITHMS, DkimConfig, DkimKeyConfig, dkim_key_for, validate_dkim  # noqa: F401
+from mta.config_env import ENV_KEYS, apply_env, env_applied, env_overrides
+from mta.config_values import check_override, parse_duration, parse_hostport, parse_size
+from mta.errors import ConfigError
 
-# ASCII digits only (`\d` would also take "٣٠s"), and \Z rather than $ (which allows a final "\n").
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)\Z")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE = re.compile(r"^([0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\Z", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-
-
-def parse_duration(text: str) -> float:
-    """"30s" -> 30.0; raises ValueError. Units: ms, s, m, h, d."""
-    m = _DURATION.match(text.strip())
-    value = float(m.group(1)) * _DURATION_UNITS[m.group(2)] if m else math.nan
-    if not math.isfinite(value):
-        # float() turns 400 nines into inf instead of failing; an infinite timeout is not a duration.
-        raise ValueError(f"\"{text}\" is not a duration (use e.g. 30s, 5m, 1h, 5d)")
-    return value
-
-
-def parse_size(text: str) -> int:
-    """"25MB" -> 25000000; raises ValueError. Units: B, KB, MB, GB (SI) and KiB, MiB, GiB."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise ValueError(f"\"{text}\" is not a size (use e.g. 512KB, 25MB)")
-    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """"127.0.0.1:2525" or "[::1]:2525" -> (host, port); raises ValueError."""
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:([0-9]{1,5})", text) or re.fullmatch(r"([^:\[\]\s]+):([0-9]{1,5})", text)
-    if not m or not 0 <= int(m.group(2)) < 65536:
-        raise ValueError(f"{text!r} is not host:port")
-    return m.group(1), int(m.group(2))
+__all__ = ["ENV_KEYS", "Config", "env_applied", "env_overrides", "from_dict", "load", "parse_duration",
+           "parse_hostport", "parse_size"]
 
 
 def _meta(kind: str) -> dict[str, str]:
@@ -153,28 +126,6 @@ class TlsRptConfig:
     max_random_delay: float = field(default=4 * 3600.0, metadata=_meta("duration"))
     record_all_sessions: bool = False
     db_path: str = field(default="queue/tlsrpt.db", metadata=_meta("path"))
-
-
-DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
-
-
-@dataclass(frozen=True)
-class DkimKeyConfig:
-    """One `[[dkim.keys]]` table: signs mail whose From: domain is `domain` or below it."""
-
-    domain: str = ""
-    selector: str = ""
-    key_file: str = field(default="", metadata=_meta("path"))
-    algorithm: str = "rsa-sha256"
-
-
-@dataclass(frozen=True)
-class DkimConfig:
-    enabled: bool = False
-    headers: tuple[str, ...] = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "In-Reply-To",
-                                "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding")
-    oversign: tuple[str, ...] = ("From", "Subject", "Date", "To", "Cc")
-    keys: tuple[DkimKeyConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -385,7 +336,7 @@ def _validate(cfg: Config) -> None:
         except ValueError:
             _fail(src, key, f"{value!r} is not an IPv{version} address")
     for name, mode in cfg.mta_sts.overrides.items():
-        _check_override(src, f"mta_sts.overrides.{name}", mode)
+        check_override(src, f"mta_sts.overrides.{name}", mode)
     _validate_cluster(cfg.cluster, src)
     if cfg.http.listen:
         try:
@@ -405,51 +356,8 @@ def _validate(cfg: Config) -> None:
         _fail(src, "tlsrpt.send_hour_utc", f"{cfg.tlsrpt.send_hour_utc} is not an hour 0-23")
     if cfg.tlsrpt.enabled and not (cfg.tlsrpt.contact_info and cfg.tlsrpt.report_sender):
         _fail(src, "tlsrpt.contact_info", "contact_info and report_sender are required when enabled")
-    _validate_dkim(cfg)
-
-
-_DKIM_DOMAIN = re.compile(r"^(?=.{1,253}\Z)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
-                          r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-_HEADER_FIELD_NAME = re.compile(r"^[!-9;-~]+\Z")
-
-
-def dkim_key_for(keys: tuple[DkimKeyConfig, ...], domain: str) -> DkimKeyConfig | None:
-    """The key whose domain is `domain` or its closest parent (None: no key covers it)."""
-    domain = domain.lower().rstrip(".")
-    covering = [k for k in keys if domain == k.domain.lower() or domain.endswith("." + k.domain.lower())]
-    return max(covering, key=lambda k: len(k.domain), default=None)
-
-
-def _validate_dkim(cfg: Config) -> None:
-    """Shape of [dkim]; the key files themselves are checked by mta.dkim.keys (check-config, serve)."""
-    src, dk = cfg.source, cfg.dkim
-    for name, items in (("headers", dk.headers), ("oversign", dk.oversign)):
-        for i, item in enumerate(items):
-            if not _HEADER_FIELD_NAME.match(item):
-                _fail(src, f"dkim.{name}[{i}]", f"{item!r} is not a header field name")
-    seen: set[tuple[str, str]] = set()
-    for i, key in enumerate(dk.keys):
-        where = f"dkim.keys[{i}]"
-        if not _DKIM_DOMAIN.match(key.domain):
-            _fail(src, f"{where}.domain", f"{key.domain!r} is not a domain name (A-labels)")
-        if not _DKIM_DOMAIN.match(key.selector):
-            _fail(src, f"{where}.selector", f"{key.selector!r} is not a selector (RFC 6376 §3.1)")
-        if not key.key_file:
-            _fail(src, f"{where}.key_file", "a PEM private key file is required")
-        if key.algorithm not in DKIM_ALGORITHMS:
-            _fail(src, f"{where}.algorithm", f"{key.algorithm!r} must be \"rsa-sha256\" or \"ed25519-sha256\"")
-        if (key.domain.lower(), key.selector.lower()) in seen:
-            _fail(src, f"{where}.selector", f"{key.selector}._domainkey.{key.domain} is configured twice")
-        seen.add((key.domain.lower(), key.selector.lower()))
-    if dk.enabled and not dk.keys:
-        _fail(src, "dkim.keys", "dkim.enabled is true but no [[dkim.keys]] table is configured")
-    if cfg.tlsrpt.enabled:
-        # RFC 8460 §5.3 (RPT-18): a report sent by mail MUST carry a DKIM signature of the reporting
-        # domain; rua=mailto: targets are only known at send time, so demand the key up front.
-        _local, _, reporting = cfg.tlsrpt.contact_info.removeprefix("mailto:").strip("<>").rpartition("@")
-        if reporting and dkim_key_for(dk.keys, reporting) is None:
-            _fail(src, "dkim.keys", f"no key signs for the TLS reporting domain {reporting!r} (tlsrpt.contact_info); "
-                  "RFC 8460 §5.3 requires report mails to be DKIM-signed: add a [[dkim.keys]] table for it")
+    for key, msg in validate_dkim(cfg.dkim, cfg.tlsrpt.enabled, cfg.tlsrpt.contact_info):
+        _fail(src, key, msg)  # the first problem only, like every other check here
 
 
 def _validate_cluster(c: ClusterConfig, src: str) -> None:
@@ -460,46 +368,6 @@ def _validate_cluster(c: ClusterConfig, src: str) -> None:
         _fail(src, "cluster.node_name", f"{c.node_name!r} is not a node name (letters, digits, . _ -; up to 64)")
     if c.heartbeat_interval < 0.1:
         _fail(src, "cluster.heartbeat_interval", "must be at least 100ms")
-
-
-def _check_override(src: str, key: str, value: str) -> None:
-    """Issue 10 item 9 decision: an override is "none" or a complete policy text.
-
-    A bare "testing"/"enforce" names no `mx` patterns, so it cannot be a policy (RFC 8461 §3.2
-    needs at least one for those modes); rather than guess (the published policy with another
-    mode would depend on the very discovery an override exists to replace), it is refused here,
-    so check-config and serve agree.
-    """
-    from mta.sts.policy import parse_policy  # pure (no I/O): imported late to keep config at the bottom
-
-    if value == "none":
-        return
-    if value in ("testing", "enforce"):
-        _fail(src, key, f"{value!r} needs mx patterns: write the whole policy, e.g. "
-                        f"\"version: STSv1\\nmode: {value}\\nmx: mx.example.org\\nmax_age: 86400\\n\"")
-    if not value.startswith("version: STSv1"):
-        _fail(src, key, f"{value!r} must be none or a policy text (starting with \"version: STSv1\")")
-    try:
-        parse_policy(value.encode("utf-8", "surrogateescape"))
-    except MtaError as exc:
-        _fail(src, key, f"invalid policy: {exc}")
-
-
-def warnings(cfg: Config) -> list[str]:
-    """Accepted but risky settings: check-config prints them, serve logs them at start."""
-    out = []
-    d = cfg.delivery
-    if d.relayhost and d.relayhost_username and d.relayhost_tls == "may":
-        # Issue 10 item 6 decision: a warning, not an error - credentials still never travel
-        # in plaintext (the session defers instead), but an unverified certificate lets an
-        # active attacker pose as the smart host and collect them.
-        out.append(f"{cfg.source}: delivery.relayhost_tls: \"may\" with relayhost_username sends the "
-                   "password to any host that answers with TLS (certificate not verified); plaintext "
-                   "sessions defer instead; use \"verify\"")
-    from mta.dane.trust import resolver_warnings  # late, as parse_policy above: config stays at the bottom
-
-    out.extend(f"{cfg.source}: {w}" for w in resolver_warnings(cfg))
-    return out
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -520,7 +388,7 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
         # tomllib; RecursionError comes from deeply nested arrays ("a = [[[[...").
         raise ConfigError(_one_line(f"{src}: invalid TOML: {exc}")) from None
     if environ is not None:
-        data = _apply_env(data, env_overrides(environ))
+        data = apply_env(data, env_overrides(environ))
     return from_dict(data, src, p.parent.resolve())
 
 
@@ -530,57 +398,3 @@ def from_dict(data: dict[str, Any], src: str = "<config>", base: Path | None = N
     cfg = dataclasses.replace(cfg, source=src)
     _validate(cfg)
     return cfg
-
-
-# Environment variables for the keys every deployment changes, so an orchestrator need not write a
-# file (issue 19, the container image). They are applied after the TOML load and win over the
-# file; documented beside their keys in config.example.toml. List values are comma-separated.
-ENV_KEYS: dict[str, str] = {
-    "MTA_HOSTNAME": "hostname",
-    "MTA_LISTEN": "submission.listen",
-    "MTA_RELAY_NETWORKS": "submission.relay_networks",
-    "MTA_RELAYHOST": "delivery.relayhost",
-    "MTA_RELAYHOST_TLS": "delivery.relayhost_tls",
-    "MTA_NAMESERVERS": "dns.nameservers",
-    "MTA_CLUSTER_DATABASE": "cluster.database",  # issue 15: one image, every node on the same database
-    "MTA_NODE_NAME": "cluster.node_name",  # e.g. the pod name of a StatefulSet
-    "MTA_HTTP_LISTEN": "http.listen",
-}
-_ENV_LISTS = frozenset({"submission.listen", "submission.relay_networks", "dns.nameservers"})
-
-
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """TOML-shaped data from the ENV_KEYS variables that are set (an empty value counts as set).
-
-    Each variable is validated on its own first, so a bad value names the variable and the key:
-    `$MTA_RELAY_NETWORKS: submission.relay_networks[0]: '10.0.0.0/33' is not a network`.
-    """
-    out: dict[str, Any] = {}
-    for var, key in ENV_KEYS.items():
-        if var not in environ:
-            continue
-        raw = environ[var].strip()
-        value: Any = [x for x in re.split(r"[,\s]+", raw) if x] if key in _ENV_LISTS else raw
-        section, _, name = key.rpartition(".")
-        piece = {section: {name: value}} if section else {name: value}
-        from_dict(piece, f"${var}")
-        out = _apply_env(out, piece)
-    return out
-
-
-def env_applied(environ: Mapping[str, str]) -> list[str]:
-    """The ENV_KEYS variables that are set, for `mta check-config` to show what overrode the file."""
-    return [var for var in ENV_KEYS if var in environ]
-
-
-def _apply_env(data: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(data)
-    for name, value in over.items():
-        if not isinstance(value, dict):
-            out[name] = value
-        elif name not in out:
-            out[name] = dict(value)
-        elif isinstance(out[name], dict):
-            out[name] = {**out[name], **value}
-        # else: the file has a non-table there; leave it so the error names the file's key.
-    return out

@@ -4,7 +4,7 @@ Rule (issue 10 item 9): `mta check-config` and `mta serve` run this same functio
 configuration check-config accepts is one serve can start with: the files the config names
 (relay host password, AUTH users, listener certificate, CA bundle, DKIM keys) are read and
 parsed, and the outgoing bind addresses are bound once. Problems raise ConfigError naming the
-key; `config.warnings` lists accepted-but-risky settings.
+key; `warnings` lists accepted-but-risky settings.
 """
 
 from __future__ import annotations
@@ -66,3 +66,20 @@ def check(cfg: Config) -> None:
                     sock.bind((address, 0))
                 except OSError as exc:
                     _fail(cfg, key, f"cannot bind {address}: {exc.strerror or exc}")
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Accepted but risky settings: check-config prints them, serve logs them at start."""
+    out = []
+    d = cfg.delivery
+    if d.relayhost and d.relayhost_username and d.relayhost_tls == "may":
+        # Issue 10 item 6 decision: a warning, not an error - credentials still never travel
+        # in plaintext (the session defers instead), but an unverified certificate lets an
+        # active attacker pose as the smart host and collect them.
+        out.append(f"{cfg.source}: delivery.relayhost_tls: \"may\" with relayhost_username sends the "
+                   "password to any host that answers with TLS (certificate not verified); plaintext "
+                   "sessions defer instead; use \"verify\"")
+    from mta.dane.trust import resolver_warnings  # DANE: a resolver whose AD bit cannot be trusted
+
+    out.extend(f"{cfg.source}: {w}" for w in resolver_warnings(cfg))
+    return out

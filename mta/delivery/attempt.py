@@ -282,7 +282,8 @@ def _refuse(ctx: AttemptContext, att: _Attempt, verdict: HostVerdict) -> None:
 
 
 def _without_sts(ctx: AttemptContext) -> AttemptContext:
-    return replace(ctx, sts=None)
+    """RPT-19: report mails are delivered whatever MTA-STS or DANE would say (best-effort TLS)."""
+    return replace(ctx, sts=None, dane=False)
 
 
 async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode,

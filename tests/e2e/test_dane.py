@@ -138,13 +138,13 @@ def test_dane_5_ta_wrong_name_defers(dane: DaneWorld) -> None:
     assert mx.messages == [] and not mx.saw("MAIL")
 
 
-def test_dane_7_sts_90_mismatch_defers_despite_valid_sts_and_is_reported_twice(dane: DaneWorld) -> None:
+def test_dane_7_sts_90_rpt_19_mismatch_defers_despite_valid_sts_and_is_reported_twice(dane: DaneWorld) -> None:
     world = dane.world
     mx = world.mx_host("mx1.dane.test", "127.0.0.21", cert="valid")  # PKIX-valid: MTA-STS would accept
     world.domain("dane.test", [(10, "mx1.dane.test")])
     world.sts("dane.test", "enforce", ["mx1.dane.test"])
     dane.tlsa("mx1.dane.test", "3 1 1 " + "ab" * 32)
-    world.zone.add("_smtp._tls.dane.test", "TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@src.test"')
+    world.zone.add("_smtp._tls.dane.test", "TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@dane.test"')
     db = world.tmp / "queue" / "tlsrpt.db"
     key = make_key(world.tmp / "keys", "relay.test", "rpt")  # report mails are DKIM-signed (RPT-18)
     relay = dane.relay(tlsrpt={"enabled": True, "contact_info": "tlsrpt@relay.test",
@@ -166,6 +166,11 @@ def test_dane_7_sts_90_mismatch_defers_despite_valid_sts_and_is_reported_twice(d
     assert {d["result-type"] for d in tlsa["failure-details"]} == {"tlsa-invalid"}
     assert tlsa["failure-details"][0]["receiving-mx-hostname"] == "mx1.dane.test"
     assert policies["sts"]["summary"]["total-successful-session-count"] >= 1  # PKIX view: fine
+    # RPT-19: the report itself reaches the very MX whose TLSA records do not match.
+    sent = json.loads(run_cli(relay.config, "tlsrpt", "send", "--date", today, "--json", timeout=60).stdout)
+    assert [r["domain"] for r in sent] == ["dane.test"]
+    [report] = mx.wait_for_messages_blocking(1, timeout=20)
+    assert report.rcpt_tos == ["tlsrpt@dane.test"]
 
 
 @pytest.mark.parametrize("how", ["expired", "missing"])
@@ -258,3 +263,18 @@ def test_dane_policy_probe_shows_dnssec_tlsa_match_and_governing_policy(dane: Da
     assert plain["policy"] == "none" and plain["tlsa"] == []
     text = run_cli(config, "policy", "dane.test", "--probe", timeout=60).stdout
     assert "tlsa_match=yes policy=dane" in text and "TLSA 3 1 1" in text
+
+
+def test_dane_2_5_6_secure_cname_mx_uses_the_target_as_base_and_sni(dane: DaneWorld) -> None:
+    leaf, inter = dane.ta_leaf("mail.hoster.dane.test")  # names only the CNAME target
+    mx = dane.mx("mail.hoster.dane.test", "127.0.0.24", leaf)
+    dane.zone.add("mx.dane.test", "CNAME", "mail.hoster.dane.test.")
+    dane.world.domain("dane.test", [(10, "mx.dane.test")])
+    dane.tlsa("mail.hoster.dane.test", f"2 0 1 {hashlib.sha256(inter).hexdigest()}")
+    relay = dane.relay()
+    qid = dane.world.submit(relay, ["bob@dane.test"])
+    [msg] = mx.wait_for_messages_blocking(1, timeout=15)
+    assert msg.sni == "mail.hoster.dane.test"  # DANE-6: the TLSA base domain, not the MX name
+    [ev] = relay.wait_event("delivered", queue_id=qid)
+    assert ev["policy"] == "dane" and ev["verified"] is True and ev["mx"] == "mx.dane.test"
+    assert dane.world.dns.count(dane.owner("mx.dane.test"), "TLSA") == 0  # the target's RRset sufficed

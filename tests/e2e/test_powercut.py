@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_lazyfs import require_fuse
+from tests.support.powercut import require_fuse
 from tests.support.soak import run_soak
 
 
 def test_pwr_1_power_cuts_lose_nothing_acknowledged(tmp_path: Path) -> None:
     require_fuse()
-    result = run_soak(tmp_path, rounds=3, seed=5, clients=6, round_seconds=1.2, powercut=True, drain_timeout=20)
+    result = run_soak(tmp_path, rounds=2, seed=5, clients=6, round_seconds=1.0, min_acks=15, powercut=True,
+                      drain_timeout=20)
     print(result.line())
     assert result.acked > 20, result.line()
     assert result.lost == 0, f"{result.line()} lost ids: {result.lost_ids}"
@@ -35,7 +36,8 @@ def test_pwr_1_control_without_directory_fsync_the_test_reports_losses(tmp_path:
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     require_fuse()
     monkeypatch.setenv("MTA_UNSAFE_SKIP_FSYNC", "dir")  # inherited by `mta serve`
-    result = run_soak(tmp_path, rounds=1, seed=7, clients=6, round_seconds=1.2, powercut=True, drain_timeout=20)
+    result = run_soak(tmp_path, rounds=1, seed=7, clients=6, round_seconds=1.2, min_acks=20, powercut=True,
+                      drain_timeout=20)
     print(result.line())
     assert result.acked > 10, result.line()
     assert result.lost > 0, f"a spool without directory fsync must lose mail here: {result.line()}"
@@ -47,7 +49,8 @@ def test_pwr_2_control_without_file_fsync_torn_state_goes_to_corrupt(tmp_path: P
     their data) to corrupt/ and keep running: every lost message is there, none is silently gone."""
     require_fuse()
     monkeypatch.setenv("MTA_UNSAFE_SKIP_FSYNC", "file")
-    result = run_soak(tmp_path, rounds=1, seed=7, clients=6, round_seconds=1.2, powercut=True, drain_timeout=20)
+    result = run_soak(tmp_path, rounds=1, seed=7, clients=6, round_seconds=1.2, min_acks=20, powercut=True,
+                      drain_timeout=20)
     print(result.line())
     assert result.lost > 0, f"a spool without file fsync must lose mail here: {result.line()}"
     quarantined = {name.rsplit(".", 1)[0] for name in result.corrupt if name.endswith(".json")}

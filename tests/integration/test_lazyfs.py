@@ -15,15 +15,7 @@ from pathlib import Path
 import pytest
 
 from mta.db import open_wal
-from tests.support.powercut import LazyFs, fuse_available
-
-
-def require_fuse() -> None:
-    reason = fuse_available()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must be able to mount FUSE (.ci/run installs it): {reason}")
-        pytest.skip(reason)
+from tests.support.powercut import LazyFs, require_fuse
 
 
 @pytest.fixture

@@ -38,6 +38,17 @@ def fuse_available() -> str:
     return ""
 
 
+def require_fuse() -> None:
+    """Skip without FUSE here; under CI (CI set) fail instead, since .ci/run installs it."""
+    import pytest
+
+    reason = fuse_available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must be able to mount FUSE (.ci/run installs it): {reason}")
+        pytest.skip(reason)
+
+
 class LazyFs:
     def __init__(self, backing: Path, mountpoint: Path) -> None:
         self.backing = backing

@@ -113,7 +113,7 @@ class RelayProcess:
         self.log_path = config.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: bool = True) -> RelayProcess:
+    def start(self, wait: bool = True, timeout: float = 10.0) -> RelayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--config", str(self.config)],
@@ -122,7 +122,7 @@ class RelayProcess:
         if wait:
             host, port = listen_address(self.data)
             try:
-                wait_port(host, port)
+                wait_port(host, port, timeout)
             except TimeoutError:
                 self.kill()
                 raise AssertionError("relay did not start:\n" + self.log_text()) from None

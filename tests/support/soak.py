@@ -31,7 +31,7 @@ import aiosmtplib
 from tests.support.dkim import make_key
 from tests.support.fake_mx import FakeMx
 from tests.support.powercut import LazyFs, kill_all, stop_all
-from tests.support.relay import RelayProcess, listen_address
+from tests.support.relay import RelayProcess, listen_address, write_config
 from tests.support.world import World
 
 
@@ -55,13 +55,14 @@ class SoakResult:
                 f" duplicate_window={self.duplicate_window:.2f}s")
 
 
-async def _submit(host: str, port: int, acked: dict[str, str], stop_at: float, clients: int,
+async def _submit(host: str, port: int, acked: dict[str, str], stop_at: list[float], clients: int,
                   seq: list[int]) -> None:
+    """Clients submit until stop_at[0] (which the round may move on)."""
     async def client() -> None:
-        while time.monotonic() < stop_at:
+        while time.monotonic() < stop_at[0]:
             try:
                 async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=5) as c:
-                    while time.monotonic() < stop_at:
+                    while time.monotonic() < stop_at[0]:
                         seq[0] += 1
                         token = f"tok{seq[0]:07d}"
                         body = f"Subject: {token}\r\nX-Token: {token}\r\n\r\n".encode() + (b"y" * 70 + b"\r\n") * 28
@@ -84,8 +85,9 @@ def _tokens(mx: FakeMx) -> list[tuple[str, float]]:
     return out
 
 
-def run_soak(tmp: Path, rounds: int, *, seed: int = 1, clients: int = 8, round_seconds: float = 1.5,
-             drain_timeout: float = 60.0, powercut: bool = False, writeback: float = 0.0) -> SoakResult:
+def run_soak(tmp: Path, rounds: int, *, seed: int = 1, clients: int = 8, round_seconds: float = 1.5, min_acks: int = 0,
+             drain_timeout: float = 60.0, powercut: bool = False, writeback: float = 0.0,
+             start_timeout: float = 10.0) -> SoakResult:
     rng = random.Random(seed)
     world = World(tmp)
     fs: LazyFs | None = None
@@ -110,14 +112,26 @@ def run_soak(tmp: Path, rounds: int, *, seed: int = 1, clients: int = 8, round_s
         seq = [0]
         epochs = [0]  # len(mx.messages) at each cut: a duplicate must straddle one
         cut_times: list[float] = []
+        config = write_config(tmp, data)
+
+        def start() -> RelayProcess:
+            relay = RelayProcess(config, data)
+            world.relays.append(relay)  # killed by world.close() whatever happens
+            return relay.start(timeout=start_timeout)  # a loaded machine may take long to start one
+
         for _ in range(rounds):
-            relay = world.relay(data)
+            relay = start()
 
             async def one_round(relay: RelayProcess = relay) -> None:
-                task = asyncio.ensure_future(_submit(host, port, acked, time.monotonic() + round_seconds, clients,
-                                                     seq))
-                # A random moment: during DATA, right after a 250, mid-delivery or mid-state-write.
+                before, stop_at = len(acked), [time.monotonic() + round_seconds]
+                task = asyncio.ensure_future(_submit(host, port, acked, stop_at, clients, seq))
+                # A random moment: during DATA, right after a 250, mid-delivery or mid-state-write;
+                # with min_acks not before that many 250s (a loaded machine starts slowly).
                 await asyncio.sleep(rng.uniform(0.1, round_seconds))
+                give_up = time.monotonic() + 10
+                while len(acked) - before < min_acks and time.monotonic() < give_up:
+                    stop_at[0] = max(stop_at[0], time.monotonic() + 0.5)
+                    await asyncio.sleep(0.02)
                 assert relay.proc is not None
                 if fs is not None:
                     stop_all(relay.proc)  # the power goes: the processes stand still ...
@@ -132,7 +146,7 @@ def run_soak(tmp: Path, rounds: int, *, seed: int = 1, clients: int = 8, round_s
             if fs is not None:
                 fs.unmount()
                 fs.mount()  # the next boot
-        relay = world.relay(data)
+        relay = start()
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline:
             # The queue is empty when no envelope is left (what `mta queue list` reads), checked
