@@ -58,7 +58,7 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     store = SpoolStore(cfg.queue.path)
     store.prepare()
     qid = getattr(args, "id", None)
-    if qid and not store.meta_path(qid).exists():
+    if qid and not store.exists(qid):
         print(f"mta: no such message {qid}", file=sys.stderr)
         return 1
     if store.is_locked_by_other():
