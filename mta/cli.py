@@ -1,7 +1,7 @@
 """Command-line interface: parses arguments, formats output and exit codes; no business logic.
 
     mta serve | check-config | queue list|show|flush|delete|hold|release | passwd | policy | tlsrpt
-        | dkim keygen|check | sendmail | cluster status
+        | dkim keygen|check | sendmail | cluster status | sandbox (needs mta[testing])
 Every command takes --config F (default: $MTA_CONFIG, else config.toml). Exit codes: 0 ok, 1 error, 2 usage.
 """
 
