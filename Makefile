@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench conformance clean
+.PHONY: run test lint bench conformance clean demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(VENV)/.installed-test
 # Regenerate the tests column of docs/conformance.md from the suite (CI checks it is current).
 conformance: $(VENV)/.installed-test
 	$(BIN)/python tools/conformance.py
+
+# `mta sandbox`: a simulated Internet with demo domains and a relay on loopback (issue 16); Ctrl-C stops.
+demo: $(VENV)/.installed-test
+	$(BIN)/mta sandbox
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/relay_bench.py

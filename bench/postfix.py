@@ -57,6 +57,7 @@ local     unix  -       n       n       -       -       local
 lmtp      unix  -       -       n       -       -       lmtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
+tlsproxy  unix  -       -       n       -       0       tlsproxy
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
@@ -87,8 +88,9 @@ class PostfixRelay:
 
     def __init__(self, root: Path, listen: tuple[str, int], routes: dict[str, tuple[str, int]], *,
                  tls: str = "none", ca_file: str = "", cert_match: str = "mx.sink.test",
-                 hostname: str = "postfix-relay.test") -> None:
+                 hostname: str = "postfix-relay.test", extra: dict[str, str] | None = None) -> None:
         self.root = root
+        self.extra = dict(extra or {})  # further main.cf settings (e.g. smtp_tls_connection_reuse)
         self.listen = listen
         self.routes = routes
         self.tls = tls
@@ -139,6 +141,7 @@ class PostfixRelay:
         }
         if not self.ca_file:
             del lines["smtp_tls_CAfile"]
+        lines.update(self.extra)
         return "".join(f"{k} = {v}\n" for k, v in lines.items())
 
     def write_config(self) -> None:

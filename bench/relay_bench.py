@@ -45,6 +45,7 @@ METRICS = [  # key, label, format
     ("peak_rss_mb", "peak RSS, process tree (MB)", "{:.1f}"),
     ("peak_pss_mb", "peak PSS, process tree (MB)", "{:.1f}"),
     ("cpu_per_1k", "CPU s per 1,000 messages", "{:.2f}"),
+    ("flushes_per_msg", "disk flushes per message (less background)", "{:.2f}"),
 ]
 
 
@@ -75,7 +76,8 @@ def raw_runs(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     for case, by_kind in results.items():
         for kind, runs in by_kind.items():
             for i, r in enumerate(runs):
-                cells = ["FAILED"] * len(keys) if "error" in r else [f"{r[k]:.1f}" for k in keys]
+                cells = ["FAILED"] * len(keys) if "error" in r else \
+                    [f"{r[k]:.2f}" if k in r else "n/a" for k in keys]
                 lines.append(f"| {case} | {kind} | {i + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         r = runner.run_once(world, runner.CASES[case], kind, args.n, args.sessions, args.size, run_dir)
                         results[case][kind].append(r)
                         shown = "ERROR " + r["error"].splitlines()[0] if "error" in r else \
-                            ", ".join(f"{k}={r[k]:.1f}" for k, _, _ in METRICS)
+                            ", ".join(f"{k}={r[k]:.1f}" for k, _, _ in METRICS if k in r)
                         print(f"  run {run + 1} {case:12} {kind:8} {time.monotonic() - started:5.1f}s  {shown}",
                               flush=True)
                         if not args.keep:

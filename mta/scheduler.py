@@ -89,8 +89,13 @@ class Scheduler:
         finally:
             self._inflight.discard(qid)
             self._slots.release()
-        if nxt is not None and qid not in self._due:
-            self.schedule(qid, nxt)
+        if nxt is None:
+            return
+        # A schedule() of this id while it ran (a second notification, a DSN, the API) left an
+        # entry in _due whose heap entry _pop_due dropped: push it again (the earlier time wins),
+        # or the message would sit in the spool unscheduled until the next restart (issue 18).
+        asked = self._due.get(qid)
+        self.schedule(qid, nxt if asked is None else min(asked, nxt))
 
     def _apply_ctl(self) -> None:
         reqs = self._pending_ctl + control.take_requests(self.store)

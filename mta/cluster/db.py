@@ -191,7 +191,11 @@ class ClusterDb:
             self.url, min_size=1, max_size=self.pool_size, open=False, name=f"mta-{self.node}",
             kwargs={"autocommit": True, "connect_timeout": max(2, int(self.op_timeout))},
             check=AsyncConnectionPool.check_connection)  # a connection from before a DB restart is replaced
-        await pool.open(wait=True, timeout=self.op_timeout)
+        try:
+            await pool.open(wait=True, timeout=self.op_timeout)
+        except BaseException:
+            await pool.close(timeout=1.0)  # its workers would keep trying in the background
+            raise
         if self._closed:
             await pool.close()
             return

@@ -152,7 +152,7 @@ def make_app(ops: Ops, cfg: HttpConfig) -> web.Application:
 
     async def _operate(request: web.Request, op: str, qid: str | None) -> web.Response:
         await request.read()  # no body is expected; one over client_max_size is refused (413)
-        if qid is not None and not await asyncio.to_thread(ops.store.meta_path(qid).exists):
+        if qid is not None and not await asyncio.to_thread(ops.store.exists, qid):
             raise ApiError(404, f"no such message {qid}")
         ops.request(op, qid)
         peer = request.remote or "?"

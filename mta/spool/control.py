@@ -72,7 +72,7 @@ def apply_offline(store: SpoolStore, op: str, qid: str | None) -> int:
     if op == "new":
         return 0
     ids = [qid] if qid else store.ids()
-    if qid and not store.meta_path(qid).exists():
+    if qid and not store.exists(qid):
         raise SpoolError(f"no such message {qid}")
     now = time.time()
     count = 0

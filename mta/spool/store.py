@@ -1,22 +1,32 @@
-"""The durable spool: one folder, two files per message, commit point = atomic rename.
+"""The durable spool: one folder, one file per message, commit point = atomic rename.
 
 Layout under `[queue] path`:
-    msg/<id>.eml    the message bytes, exactly as they will be sent
-    msg/<id>.json   the envelope and per-recipient state (MessageMeta, JSON with a schema number)
+    msg/<id>.msg    "MTA-SPOOL-1 <data length>", newline, the envelope (MessageMeta as one line of
+                    JSON with a schema number), newline, then the message bytes exactly as they will
+                    be sent; written once, at submission
+    msg/<id>.json   the envelope's later state (per-recipient progress), once it has changed; it
+                    overrides the envelope line of <id>.msg
+    msg/<id>.eml    (format of mta <= issue 18) the message bytes of a message whose envelope is
+                    only in <id>.json; such spools keep loading, delivering and draining
     tmp/            files being written; anything here at start-up is debris and is removed
-    corrupt/        meta files that could not be parsed, each with its data file (kept for the
+    corrupt/        messages whose envelope could not be parsed, every file of it (kept for the
                     operator, never retried)
     ctl/            requests from the CLI to a running server (see control.py)
     lock            flock()ed by the one `mta serve` that owns the spool
 
-Failure model (what a crash at any moment leaves, cf. maddy's queue):
-- `put`: data and meta are written and fsync'ed in tmp/, renamed into msg/ (data first), then
-  msg/ is fsync'ed. Only after that directory fsync does the caller answer 250. A crash before
-  it leaves at most an orphan pair in tmp/ or msg/ for a message that was never acknowledged:
-  start-up removes a data file without meta and a meta without data.
-- `update`: the new meta is written to tmp/, fsync'ed and renamed over the old one, so a reader
-  sees the old or the new state, never a torn file.
-- `remove`: the meta goes first (it is the commit point), then the data.
+Failure model (what a crash or power cut at any moment leaves, cf. maddy's queue and Postfix):
+- `put`: envelope and data are written to ONE file in tmp/, fsync'ed, renamed into msg/, then
+  msg/ is fsync'ed (group commit). Only after that directory fsync does the caller answer 250:
+  one file flush plus a share of one directory flush per message (issue 18; two files cost two
+  file flushes). A crash before it leaves at most debris in tmp/ or a complete, unacknowledged
+  message in msg/ (delivered: at least once).
+- `update`: the new state is written to tmp/, fsync'ed and renamed over <id>.json, so a reader
+  sees the old or the new state, never a torn file. A lost update (power cut before the
+  directory flush) only repeats an attempt whose outcome was lost: at least once, never lost.
+- `remove`: no flush: a removal lost to a power cut brings back a finished message, delivered
+  again (a duplicate, as with Postfix). The file holding the data goes first, then the state,
+  so a crash in between leaves a state without data, which start-up removes; for the old format
+  the state goes first (it is the commit point), then the data.
 - A full disk (ENOSPC) makes `put` and `update` raise SpoolError("spool disk is full") and leaves
   no debris: a refused `put` stores nothing, a failed `update` leaves the previous state file.
   Submissions (`put(..., reserve=SUBMISSION_RESERVE)`) are refused while less than the reserve
@@ -52,6 +62,8 @@ log = logging.getLogger("mta.spool")
 SUBMISSION_RESERVE = 1 << 20
 # What one message costs besides its data: the meta file, rounded up to common block sizes.
 _META_ALLOWANCE = 8192
+# First line of a <id>.msg file: format name and the data's length (recovery checks it is whole).
+_MAIL_MAGIC = b"MTA-SPOOL-1"
 # Test hook only (issue 17): MTA_UNSAFE_SKIP_FSYNC=dir and/or file (comma-separated) skips that
 # flush, so the power-cut test (tests/e2e/test_powercut.py) can prove it sees the loss. Unset in
 # production: with it, acknowledged mail does not survive a power cut.
@@ -150,7 +162,7 @@ class SpoolStore:
                 # all (found by tests/e2e/test_powercut.py).
                 for d in (*reversed(self.root.resolve().parents), self.root):
                     with contextlib.suppress(OSError):
-                        _fsync_dir(d)
+                        fsync_dir(d)
             probe = self.tmp / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -253,11 +265,21 @@ class SpoolStore:
 
     # -- paths ---------------------------------------------------------------------------------
 
+    def mail_path(self, qid: str) -> Path:
+        """Envelope line + data, written once at submission (the current format)."""
+        return self.msg / f"{qid}.msg"
+
     def data_path(self, qid: str) -> Path:
+        """Data of an old-format message (envelope only in meta_path)."""
         return self.msg / f"{qid}.eml"
 
     def meta_path(self, qid: str) -> Path:
+        """The latest state, once it changed after submission (always, in the old format)."""
         return self.msg / f"{qid}.json"
+
+    def exists(self, qid: str) -> bool:
+        """True when `qid` is a message in the spool (either format)."""
+        return self.mail_path(qid).exists() or self.meta_path(qid).exists()
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -279,8 +301,7 @@ class SpoolStore:
         return st.f_bavail * st.f_frsize
 
     def _put_sync(self, meta: MessageMeta, data: bytes, reserve: int = 0) -> None:
-        tmp_data = self.tmp / f"{meta.id}.eml"
-        tmp_meta = self.tmp / f"{meta.id}.json"
+        tmp_mail = self.tmp / f"{meta.id}.msg"
         if reserve:
             try:
                 left = self.free_bytes() - len(data) - _META_ALLOWANCE
@@ -289,12 +310,12 @@ class SpoolStore:
             if left < reserve:
                 raise SpoolError("spool disk is full")
         try:
-            self._write_synced(tmp_data, data)
-            self._write_synced(tmp_meta, json.dumps(meta.to_json()).encode())
-            os.rename(tmp_data, self.data_path(meta.id))
-            os.rename(tmp_meta, self.meta_path(meta.id))
+            # json.dumps escapes every newline inside strings: the first b"\n" ends the envelope.
+            self._write_synced(tmp_mail, b"%s %d\n" % (_MAIL_MAGIC, len(data)) + json.dumps(meta.to_json()).encode()
+                               + b"\n" + data)
+            os.rename(tmp_mail, self.mail_path(meta.id))
         except OSError as exc:
-            for p in (tmp_data, tmp_meta, self.data_path(meta.id), self.meta_path(meta.id)):
+            for p in (tmp_mail, self.mail_path(meta.id)):
                 with contextlib.suppress(OSError):
                     p.unlink()
             raise SpoolError(describe_os_error(exc)) from None
@@ -340,7 +361,9 @@ class SpoolStore:
             self._dirsync.sync()
 
     def _discard(self, qid: str) -> None:
-        for p in (self.meta_path(qid), self.data_path(qid)):
+        # Data before state (current format), state before data (old format): whatever a crash in
+        # between leaves is a state without data or data without state, both removed at start-up.
+        for p in (self.mail_path(qid), self.meta_path(qid), self.data_path(qid)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -350,29 +373,63 @@ class SpoolStore:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def load_sync(self, qid: str) -> MessageMeta:
+    def state_bytes(self, qid: str) -> bytes:
+        """The raw envelope: the latest <id>.json, else the first line of <id>.msg (with its newline)."""
         try:
-            raw = self.meta_path(qid).read_bytes()
+            return self.meta_path(qid).read_bytes()
+        except FileNotFoundError:
+            pass
+        try:
+            with open(self.mail_path(qid), "rb") as f:
+                f.readline()  # the length line
+                return f.readline()
         except FileNotFoundError:
             raise SpoolError(f"no such message {qid}") from None
+
+    def load_sync(self, qid: str) -> MessageMeta:
+        raw = self.state_bytes(qid)
         try:
-            return MessageMeta.from_json(json.loads(raw))
+            meta = MessageMeta.from_json(json.loads(raw))
         except (ValueError, CorruptEntry) as exc:
             raise CorruptEntry(f"{qid}: {exc}") from None
+        return meta
+
+    def check_whole(self, qid: str) -> None:
+        """CorruptEntry unless <id>.msg (if that is the format) holds its length line, the envelope
+        and as many data bytes as the length line says: a file renamed into place before its flush
+        could be torn by a power cut (only with the MTA_UNSAFE_SKIP_FSYNC test hook, or a disk that
+        lies about its flushes)."""
+        try:
+            with open(self.mail_path(qid), "rb") as f:
+                head, line = f.readline(), f.readline()
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            return
+        magic, _, length = head.partition(b" ")
+        want = len(head) + len(line) + int(length) if magic == _MAIL_MAGIC and length.strip().isdigit() else -1
+        if not line.endswith(b"\n") or size != want:
+            raise CorruptEntry(f"{qid}: {qid}.msg is torn or not a spool file ({size} bytes)")
 
     async def load(self, qid: str) -> MessageMeta:
         return await asyncio.to_thread(self.load_sync, qid)
 
     def read_data_sync(self, qid: str) -> bytes:
-        return self.data_path(qid).read_bytes()
+        try:
+            with open(self.mail_path(qid), "rb") as f:
+                f.readline()
+                f.readline()
+                return f.read()
+        except FileNotFoundError:
+            return self.data_path(qid).read_bytes()
 
     async def read_data(self, qid: str) -> bytes:
         return await asyncio.to_thread(self.read_data_sync, qid)
 
     def ids(self) -> list[str]:
-        """Ids of every committed message (a meta file exists)."""
+        """Ids of every committed message (a .msg file, or an old-format .json)."""
         try:
-            return sorted(p.name[:-5] for p in os.scandir(self.msg) if p.name.endswith(".json"))
+            return sorted({p.name.rpartition(".")[0] for p in os.scandir(self.msg)
+                           if p.name.endswith((".msg", ".json"))})
         except FileNotFoundError:
             if self.root.is_dir():
                 return []  # a spool nothing was ever written to
@@ -381,43 +438,13 @@ class SpoolStore:
             raise SpoolError(f"spool {self.root} is not readable: {_unusable(exc)}") from None
 
     def recover(self) -> Iterator[MessageMeta]:
-        """Start-up scan: clean debris, quarantine corrupt metas, yield every message to resume."""
-        for entry in os.scandir(self.tmp):
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-        names = {e.name for e in os.scandir(self.msg)}
-        for name in names:
-            stem, _, ext = name.rpartition(".")
-            if ext == "eml" and f"{stem}.json" not in names:
-                log.warning("spool: removing data without envelope %s (never acknowledged)", stem)
-                with contextlib.suppress(OSError):
-                    os.unlink(self.msg / name)
-            elif ext == "json" and f"{stem}.eml" not in names:
-                log.warning("spool: removing envelope without data %s (never acknowledged)", stem)
-                with contextlib.suppress(OSError):
-                    os.unlink(self.msg / name)
-        for name in sorted(names):
-            if not name.endswith(".json") or name[:-5] + ".eml" not in names:
-                continue
-            qid = name[:-5]
-            try:
-                meta = self.load_sync(qid)
-            except CorruptEntry as exc:
-                # The data goes along: left alone, the next start would delete it as unacknowledged.
-                log.error("spool: %s; moved to corrupt/ with its data", exc)
-                for part in (name, f"{qid}.eml"):
-                    with contextlib.suppress(OSError):
-                        os.rename(self.msg / part, self.corrupt / part)
-                # Flush the new names before any flush of msg/ can make the removal durable alone.
-                with contextlib.suppress(OSError):
-                    _fsync_dir(self.corrupt)
-                continue
-            except SpoolError:
-                continue
-            yield meta
+        """Start-up scan: clean debris, quarantine corrupt entries, yield every message to resume."""
+        from mta.spool.recovery import recover
+
+        return recover(self)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from tests.support.dkim import make_key
+from tests.support.ops import request, scrape, value
 from tests.support.postgres import PostgresServer
 from tests.support.relay import RelayProcess, deep_merge, free_port, listen_address, run_cli, wait_port, write_config
 from tests.support.world import World
@@ -208,14 +209,19 @@ def test_clu_5_database_down_at_start_mail_flows_and_counts_arrive_later(
         own_pg: PostgresServer, world: World) -> None:
     url = own_pg.url().replace("postgres@", "postgres:pw-not-logged@")  # nothing listens there yet
     sts_domain(world, "ok.test", "127.0.0.62")
-    relay = node(world, url, "solo")
+    http = f"http://127.0.0.1:{free_port()}"
+    relay = node(world, url, "solo", {"http": {"listen": http.removeprefix("http://")}})
     [down] = relay.wait_event("database", status="unreachable")
     assert "pw-not-logged" not in relay.log_text() and "127.0.0.1" in down["database"]
     world.submit(relay, ["bob@ok.test"])
     world.submit(relay, ["bob@ok.test"])
     relay.wait_event("delivered", count=2)
+    # Ready all the same (the database is not in the mail path); the metric says it is down.
+    assert request(http, "/readyz")[0] == 200
+    assert value(scrape(http), "mta_cluster_database_up") == 0
     own_pg.start()
     relay.wait_event("database", status="reachable", timeout=15)
+    assert value(scrape(http), "mta_cluster_database_up") == 1
     wait_for(lambda: stored_counts(own_pg.url()).get("ok.test") == (2, 0), what="counts after the start")
     status = run_cli(relay.config, "cluster", "status", "--json")
     assert status.returncode == 0, status.stderr

@@ -263,3 +263,18 @@ def test_dane_policy_probe_shows_dnssec_tlsa_match_and_governing_policy(dane: Da
     assert plain["policy"] == "none" and plain["tlsa"] == []
     text = run_cli(config, "policy", "dane.test", "--probe", timeout=60).stdout
     assert "tlsa_match=yes policy=dane" in text and "TLSA 3 1 1" in text
+
+
+def test_dane_2_5_6_secure_cname_mx_uses_the_target_as_base_and_sni(dane: DaneWorld) -> None:
+    leaf, inter = dane.ta_leaf("mail.hoster.dane.test")  # names only the CNAME target
+    mx = dane.mx("mail.hoster.dane.test", "127.0.0.24", leaf)
+    dane.zone.add("mx.dane.test", "CNAME", "mail.hoster.dane.test.")
+    dane.world.domain("dane.test", [(10, "mx.dane.test")])
+    dane.tlsa("mail.hoster.dane.test", f"2 0 1 {hashlib.sha256(inter).hexdigest()}")
+    relay = dane.relay()
+    qid = dane.world.submit(relay, ["bob@dane.test"])
+    [msg] = mx.wait_for_messages_blocking(1, timeout=15)
+    assert msg.sni == "mail.hoster.dane.test"  # DANE-6: the TLSA base domain, not the MX name
+    [ev] = relay.wait_event("delivered", queue_id=qid)
+    assert ev["policy"] == "dane" and ev["verified"] is True and ev["mx"] == "mx.dane.test"
+    assert dane.world.dns.count(dane.owner("mx.dane.test"), "TLSA") == 0  # the target's RRset sufficed

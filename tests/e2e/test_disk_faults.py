@@ -185,7 +185,7 @@ def test_smtp_33_failed_state_write_keeps_old_state_and_delivery_resumes(world: 
         relay = world.relay(world.config(delivery={"command_timeout": "2s", "retry_intervals": ["1h"]}))
         qid = world.submit(relay, ["bob@dst.test"])
         store = SpoolStore(spool)
-        before = store.meta_path(qid).read_bytes()
+        before = store.state_bytes(qid)
         deadline = time.monotonic() + 10
         while not mx.saw("MAIL") and time.monotonic() < deadline:  # the attempt is stuck at MAIL now
             time.sleep(0.02)
@@ -194,7 +194,7 @@ def test_smtp_33_failed_state_write_keeps_old_state_and_delivery_resumes(world: 
         # The attempt ends (MAIL timeout) and its state write hits the full disk.
         errors = relay.wait_event("log", timeout=10, level="error")
         assert any(qid in e["message"] for e in errors), errors
-        assert store.meta_path(qid).read_bytes() == before  # the old state, byte for byte
+        assert store.state_bytes(qid) == before  # the old state, byte for byte
         meta = store.load_sync(qid)
         assert meta.recipients[0].status is RecipientStatus.QUEUED and meta.recipients[0].attempts == 0
         assert store.read_data_sync(qid).endswith(b"hello\r\n")

@@ -133,7 +133,7 @@ def test_meta_file_is_plain_json_with_schema(tmp_path: Path) -> None:
     store = new_store(tmp_path)
     meta = make_meta(sender="s@a.test", recipients=["a@b.test"], data=b"x")
     asyncio.run(store.put(meta, b"x"))
-    data = json.loads(store.meta_path(meta.id).read_text())
+    data = json.loads(store.state_bytes(meta.id))
     assert data["schema"] == 1 and data["recipients"][0]["status"] == "queued"
     assert MessageMeta.from_json(data) == meta
 

@@ -151,7 +151,8 @@ def run_soak(tmp: Path, rounds: int, *, seed: int = 1, clients: int = 8, round_s
         while time.monotonic() < deadline:
             # The queue is empty when no envelope is left (what `mta queue list` reads), checked
             # directly: a CLI run costs seconds on this shared machine.
-            if not any(p.name.endswith(".json") for p in (spool / "msg").iterdir()):
+            # (<id>.msg since issue 18, <id>.json in the old format)
+            if not any(p.name.endswith((".msg", ".json")) for p in (spool / "msg").iterdir()):
                 break
             time.sleep(0.2)
         relay.stop()
