@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench conformance clean demo
+.PHONY: run test lint bench conformance clean system-deps demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/mta serve --config config.example.toml
 
-test: $(VENV)/.installed-test
+# Debian packages the tests run for real (installed when missing and run as root; else named).
+system-deps:
+	bash tools/system-deps.sh test
+
+test: $(VENV)/.installed-test system-deps
 	$(BIN)/ruff check mta tests bench tools
 	$(BIN)/python -m pytest -q
 
@@ -47,6 +51,7 @@ clean:
 CONTAINER_IMAGE ?= localhost/mta:test
 .PHONY: container-test container-clean
 container-test: $(VENV)/.installed-test
+	bash tools/system-deps.sh container
 	MTA_CONTAINER_IMAGE=$(CONTAINER_IMAGE) bash tests/container/build.sh
 	MTA_CONTAINER_IMAGE=$(CONTAINER_IMAGE) $(BIN)/python -m pytest -q tests/container
 
