@@ -338,11 +338,25 @@ def test_smtp_31_hostile_mail_stays_queued_with_bounded_state(arena: Arena) -> N
 
 def test_dns_huge_answers_are_read_over_tcp_and_capped(arena: Arena) -> None:
     """SMTP-3: a 300-host MX set arrives over TCP (UDP truncated); at most MAX_MX_HOSTS hosts are looked up."""
-    arena.outcome(arena.scenarios["huge-mx"])
+    sc = arena.scenarios["huge-mx"]
+    arena.outcome(sc)
     dns_server = arena.world.dns
+
+    def asked() -> set[str]:
+        return {q.name for q in dns_server.query_log if q.name.startswith("h") and q.name.endswith(".huge-mx.test")}
+
+    # The arena's DNS timeout is 0.5 s: on a loaded machine reading the 300-record answer over TCP can
+    # take longer, and that attempt defers before any address lookup. Retry (bounded) until one attempt
+    # got the whole answer; the cap is then checked on what that attempt asked.
+    for tries in range(1, 4):
+        if asked():
+            break
+        before = len([e for e in arena.relay.events("deferred") if e.get("queue_id") == sc.qid])
+        assert run_cli(arena.relay.config, "queue", "flush", sc.qid).returncode == 0
+        arena.relay.wait_event("deferred", count=before + 1, timeout=30, queue_id=sc.qid)
+        assert tries < 3 or asked(), "the MX answer never arrived within the DNS timeout"
     assert any(q.name == "huge-mx.test" and q.type == "MX" and q.transport == "tcp" for q in dns_server.query_log)
-    asked = {q.name for q in dns_server.query_log if q.name.startswith("h") and q.name.endswith(".huge-mx.test")}
-    assert 0 < len(asked) <= MAX_MX_HOSTS, sorted(asked)
+    assert 0 < len(asked()) <= MAX_MX_HOSTS, sorted(asked())
 
 
 def test_relay_survives_the_arena(arena: Arena) -> None:
