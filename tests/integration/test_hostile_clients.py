@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +22,10 @@ from mta.spool.store import SpoolStore
 from mta.submission.handler import SubmissionHandler
 from mta.submission.listener import Listeners
 from tests.support.pki import TestPki
-from tests.support.submission import RawClient, Server, start_server
+from tests.support.submission import RawClient, Server
 
 MSG = b"From: a@src.test\r\nTo: b@dst.test\r\nSubject: hi\r\n\r\nhello\r\n"
 MB = 1_000_000
-
-
-@pytest.fixture
-async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Server] = []
-
-    async def make(**sub: Any) -> Server:
-        srv = await start_server(tmp_path / f"q{len(started)}", tmp_path, **{"listen": ["127.0.0.1:0"], **sub})
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        await srv.listeners.stop()
 
 
 class Raw(RawClient):

@@ -6,30 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from mta.submission.auth import set_password
-from tests.support.submission import RawClient, Server, start_server
+from tests.support.submission import RawClient, Server
 
 MSG = b"From: a@src.test\r\nTo: b@dst.test\r\nSubject: hi\r\n\r\nhello\r\n.\r\n"
-
-
-@pytest.fixture
-async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Server] = []
-
-    async def make(**sub: Any) -> Server:
-        srv = await start_server(tmp_path / f"q{len(started)}", tmp_path, **{"listen": ["127.0.0.1:0"], **sub})
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        await srv.listeners.stop()
 
 
 async def normal_submission(srv: Server, source: str) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,6 @@ SERVER_AUTH, CLIENT_AUTH, ANY_EKU = "1.3.6.1.5.5.7.3.1", "1.3.6.1.5.5.7.3.2", "2
 @pytest.fixture
 def pki(tmp_path: Path) -> TestPki:
     return TestPki(tmp_path / "pki")
-
-
-@pytest.fixture
-async def fake_mx() -> AsyncIterator[Callable[..., Any]]:
-    started: list[FakeMx] = []
-
-    async def make(**kwargs: Any) -> FakeMx:
-        mx = await FakeMx(ADDR, **kwargs).start()
-        started.append(mx)
-        return mx
-
-    yield make
-    for mx in started:
-        await mx.stop()
 
 
 async def _open(mx: FakeMx, pki: TestPki, mode: TlsMode = TlsMode.MAY, **kwargs: Any) -> SmtpSession:

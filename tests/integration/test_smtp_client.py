@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,6 @@ MSG = b"From: a@src.test\r\nTo: b@example.com\r\nSubject: test\r\n\r\nhello\r\n"
 @pytest.fixture
 def pki(tmp_path: Path) -> TestPki:
     return TestPki(tmp_path / "pki")
-
-
-@pytest.fixture
-async def fake_mx() -> AsyncIterator[Callable[..., Any]]:
-    started: list[FakeMx] = []
-
-    async def make(**kwargs: Any) -> FakeMx:
-        mx = await FakeMx(ADDR, **kwargs).start()
-        started.append(mx)
-        return mx
-
-    yield make
-    for mx in started:
-        await mx.stop()
 
 
 def _leaf(pki: TestPki, kind: str) -> Leaf:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -22,30 +20,20 @@ from tests.integration.test_sts_service import (
     DAY,
     DOMAIN,
     HOST,
-    SERVER_IP,
     T0,
     TXT_NAME,
     World,
     mode_of,
     policy_text,
 )
-from tests.support.fake_dns import FakeDns
-from tests.support.pki import TestPki
-from tests.support.policy_server import JSON_PATH, PolicyServer
+from tests.support.policy_server import JSON_PATH
 
 DRAFT_ENFORCE = '{"version": "STSv1", "mode": "enforce", "mx": ["mx1.example.test"], "max_age": 86400}'
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    """The same world as test_sts_service's: fake DNS, one HTTPS policy host, a cache file."""
-    pki = TestPki(tmp_path / "pki")
-    with FakeDns() as fake_dns:
-        async with PolicyServer(pki, SERVER_IP) as server:
-            w = World(tmp_path, pki, fake_dns, server)
-            yield w
-            for cache in w.caches:
-                await cache.close()
+def world(sts_world: World) -> World:
+    return sts_world
 
 
 def serve_draft(world: World, body: str = DRAFT_ENFORCE, txt_id: str = "d1") -> None:

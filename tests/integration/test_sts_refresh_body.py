@@ -3,26 +3,7 @@ expiry) fetches it; real DNS, HTTPS and SQLite parts, time from an injected cloc
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
-from tests.integration.test_sts_service import DAY, DOMAIN, SERVER_IP, T0, World, mode_of, policy_text
-from tests.support.fake_dns import FakeDns
-from tests.support.pki import TestPki
-from tests.support.policy_server import PolicyServer
-
-
-@pytest.fixture
-async def sts_world(tmp_path: Path) -> AsyncIterator[World]:
-    pki = TestPki(tmp_path / "pki")
-    with FakeDns() as fake_dns:
-        async with PolicyServer(pki, SERVER_IP) as server:
-            w = World(tmp_path, pki, fake_dns, server)
-            yield w
-            for cache in w.caches:
-                await cache.close()
+from tests.integration.test_sts_service import DAY, DOMAIN, T0, World, mode_of, policy_text
 
 
 async def test_sts_66_same_id_new_body_is_picked_up_at_refresh_not_before(sts_world: World) -> None:

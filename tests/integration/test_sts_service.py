@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -79,14 +78,8 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    pki = TestPki(tmp_path / "pki")
-    with FakeDns() as fake_dns:
-        async with PolicyServer(pki, SERVER_IP) as server:
-            w = World(tmp_path, pki, fake_dns, server)
-            yield w
-            for cache in w.caches:
-                await cache.close()
+def world(sts_world: World) -> World:
+    return sts_world
 
 
 def mode_of(result: PolicyResult) -> str | None:
