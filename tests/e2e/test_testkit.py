@@ -162,7 +162,10 @@ def test_everything_a_failing_test_started_is_stopped(tmp_path: Path) -> None:
     """Checked from a second test in the same pytest process: the world's threads must be stopped by
     the fixture itself, not by the process exiting."""
     (tmp_path / "test_probe.py").write_text(STOP_PROBE)
-    env = dict(os.environ, KIT_PROBE=str(tmp_path / "probe.json"), PYTHONPATH=str(ROOT))
+    # The plugin is named with -p and entry-point autoloading is off, so this runs the same whether or not
+    # the installed package registers its pytest11 entry point (twice registered would be an error).
+    env = dict(os.environ, KIT_PROBE=str(tmp_path / "probe.json"), PYTHONPATH=str(ROOT),
+               PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "mta.testing.plugin", "-p", "no:cacheprovider",
                            "test_probe.py"], cwd=tmp_path, capture_output=True, text=True, timeout=50, env=env)
     assert "1 failed, 1 passed" in done.stdout, done.stdout[-3000:]
