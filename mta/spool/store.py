@@ -209,15 +209,8 @@ class SpoolStore:
         instead of losing its half-written files to the scan."""
         fd = os.open(self.root / "lock.writers", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SpoolError(f"spool {self.root}: an old submission process is still running") from None
-                    time.sleep(0.02)
+            _flock_within(fd, fcntl.LOCK_EX, timeout,
+                          f"spool {self.root}: an old submission process is still running")
             yield
         finally:
             os.close(fd)
@@ -231,15 +224,7 @@ class SpoolStore:
         except OSError as exc:
             raise SpoolError(describe_os_error(exc)) from None
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SpoolError(f"spool {self.root}: busy (a starting server is recovering it)") from None
-                    time.sleep(0.02)
+            _flock_within(fd, fcntl.LOCK_SH, timeout, f"spool {self.root}: busy (a starting server is recovering it)")
             yield
         finally:
             os.close(fd)
@@ -491,3 +476,16 @@ def make_meta(
         eight_bit=eight_bit,
         smtputf8=smtputf8,
     )
+
+
+def _flock_within(fd: int, operation: int, timeout: float, busy: str) -> None:
+    """Take `operation` (LOCK_EX/LOCK_SH) on `fd`, polling for at most `timeout` s; SpoolError(busy) after."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SpoolError(busy) from None
+            time.sleep(0.02)
