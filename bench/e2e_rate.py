@@ -112,46 +112,11 @@ def main() -> int:
                 extra["http"] = {"listen": f"127.0.0.1:{free_port()}"}
             relay = world.relay(world.config(log={"format": "json", "level": "warning"}, **extra))
             scraper = Scraper(f"http://{extra['http']['listen']}") if args.metrics else None
-            host, port = listen_address(relay.data)
-            latencies: list[float] = []
-
-            async def client(k: int, n: int) -> None:
-                async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=30) as c:
-                    for _ in range(n):
-                        t = time.monotonic()
-                        await c.sendmail("s@src.test", [f"u{k}@dst.test"], MSG)
-                        latencies.append(time.monotonic() - t)
-
-            async def run() -> None:
-                await asyncio.gather(*(client(k, args.n // 20) for k in range(20)))
-
-            if scraper:
-                scraper.start()
-            cpu0 = tree_cpu(relay.proc.pid)  # type: ignore[union-attr]
-            t0 = time.monotonic()
-            asyncio.run(run())
-            t1 = time.monotonic()
-            try:
-                mx.wait_for_messages_blocking(len(latencies), timeout=args.timeout)
-            except TimeoutError:
-                print(run_cli(relay.config, "queue", "list").stdout[-3000:], relay.log_text()[-3000:], file=sys.stderr)
-                raise
-            t2 = time.monotonic()
-            cpu = tree_cpu(relay.proc.pid) - cpu0  # type: ignore[union-attr]
-            counted = ""
-            if scraper:
-                scraper.stop()
-                delivered = sum(v for (name, _l), v in scrape(scraper.base).items()
-                                if name == "mta_deliveries_total" and ("result", "delivered") in _l)
-                counted = f" counted={delivered:.0f} scrapes={scraper.count}"
-            latencies.sort()
-            n = len(latencies)
+            line, _e2e, _cpu = measure(relay, mx, args.n, args.timeout, scraper)
             if signed:  # the warm resolver answers from its cache; the fake DNS sees the first lookups only
                 print(f"tlsa_queries_upstream={world.dns.count(f'_{world.smtp_port}._tcp.mx1.dst.test', 'TLSA')} ",
                       end="")
-            print(f"mode={args.mode} tlsrpt={args.tlsrpt} N={n} submit={n / (t1 - t0):.0f}/s e2e={n / (t2 - t0):.0f}/s "
-                  f"p50={latencies[n // 2] * 1000:.1f}ms p99={latencies[int(n * 0.99)] * 1000:.1f}ms "
-                  f"sessions={len(mx.sessions)} cpu_ms_per_msg={cpu * 1000 / n:.2f} metrics={args.metrics}{counted}")
+            print(f"mode={args.mode} tlsrpt={args.tlsrpt} {line} metrics={args.metrics}")
         finally:
             if resolver is not None:
                 resolver.stop()
@@ -211,8 +176,11 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure(relay: Any, mx: Any, total: int, timeout: float) -> tuple[str, float, float]:
-    """Submit `total` messages over 20 sessions: (result line, end-to-end rate, CPU ms per message)."""
+def measure(relay: Any, mx: Any, total: int, timeout: float,
+            scraper: Scraper | None = None) -> tuple[str, float, float]:
+    """Submit `total` messages over 20 sessions: (result line, end-to-end rate, CPU ms per message).
+
+    With `scraper`, /metrics is scraped meanwhile and the line ends with the delivered count it saw."""
     host, port = listen_address(relay.data)
     latencies: list[float] = []
 
@@ -226,18 +194,30 @@ def measure(relay: Any, mx: Any, total: int, timeout: float) -> tuple[str, float
     async def run() -> None:
         await asyncio.gather(*(client(k, total // 20) for k in range(20)))
 
+    if scraper:
+        scraper.start()
     cpu0 = tree_cpu(relay.proc.pid)
     t0 = time.monotonic()
     asyncio.run(run())
     t1 = time.monotonic()
-    mx.wait_for_messages_blocking(len(latencies), timeout=timeout)
+    try:
+        mx.wait_for_messages_blocking(len(latencies), timeout=timeout)
+    except TimeoutError:
+        print(run_cli(relay.config, "queue", "list").stdout[-3000:], relay.log_text()[-3000:], file=sys.stderr)
+        raise
     t2 = time.monotonic()
     n = len(latencies)
     cpu_ms = (tree_cpu(relay.proc.pid) - cpu0) * 1000 / n
+    counted = ""
+    if scraper:
+        scraper.stop()
+        delivered = sum(v for (name, _l), v in scrape(scraper.base).items()
+                        if name == "mta_deliveries_total" and ("result", "delivered") in _l)
+        counted = f" counted={delivered:.0f} scrapes={scraper.count}"
     latencies.sort()
     return (f"N={n} submit={n / (t1 - t0):.0f}/s e2e={n / (t2 - t0):.0f}/s p50={latencies[n // 2] * 1000:.1f}ms "
-            f"p99={latencies[int(n * 0.99)] * 1000:.1f}ms sessions={len(mx.sessions)} cpu_ms_per_msg={cpu_ms:.2f}",
-            n / (t2 - t0), cpu_ms)
+            f"p99={latencies[int(n * 0.99)] * 1000:.1f}ms sessions={len(mx.sessions)} cpu_ms_per_msg={cpu_ms:.2f}"
+            f"{counted}", n / (t2 - t0), cpu_ms)
 
 
 if __name__ == "__main__":
