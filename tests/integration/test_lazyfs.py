@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mta.db import open_wal
+from mta.spool.store import fsync_dir
 from tests.support.powercut import LazyFs, require_fuse
 
 
@@ -26,14 +27,6 @@ def fs(tmp_path: Path) -> Iterator[LazyFs]:
         yield lazy
     finally:
         lazy.unmount()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write(path: Path, data: bytes, *, sync: bool) -> None:
