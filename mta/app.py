@@ -142,8 +142,9 @@ class Relay:
         self.scheduler_task: asyncio.Task[None] | None = None
         self.http: object | None = None  # the operations endpoint (mta.http), when [http] listen is set
         self._background: list[asyncio.Task[None]] = []
-        self.child_pid: int | None = None
-        self.child_task: asyncio.Task[None] | None = None
+        self.child_pid: int | None = None  # the first submission child (any of them gone: child_gone)
+        self.child_pids: list[int] = []
+        self.child_tasks: list[asyncio.Task[None]] = []
         self.child_gone = asyncio.Event()
         self.failed = False
 
@@ -169,9 +170,9 @@ class Relay:
         if due is not None:
             self.scheduler.schedule(meta.id, due)
 
-    async def start(self, child: tuple[int, int] | None = None,
+    async def start(self, child: list[tuple[int, int]] | None = None,
                     resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> None:
-        """Resume the queue and start serving; `child` = (pid, pipe) of a submission process, which
+        """Resume the queue and start serving; `child` = [(pid, pipe)] of the submission processes, which
         must only have been started after the spool was recovered (`resumed`): recovery removes
         half-written files, and would remove the child's if it were already accepting mail."""
         if self.store._lock_fd is None:
@@ -199,7 +200,7 @@ class Relay:
             await self.listeners.start()
             listen = " ".join(f"{h}:{p}" for h, p in self.listeners.addresses())
         else:
-            listen = await self._attach(*child)
+            listen = await self._attach(child)
         self.scheduler_task = loop.create_task(self.scheduler.run(self.stop_event))
         self._background.append(self.scheduler_task)
         self._background.append(loop.create_task(self._sweep_pool()))
@@ -217,7 +218,8 @@ class Relay:
 
             self.http = await server.start(relay_ops.build_ops(self), self.cfg.http)
         log.event("started", listen=listen, queued=count, resume_seconds=round(time.monotonic() - started, 2),
-                  submission_pid=child[0] if child else None)
+                  submission_pid=child[0][0] if child else None,
+                  **({"submission_pids": [pid for pid, _ in child]} if child and len(child) > 1 else {}))
 
     async def _start_cluster(self) -> None:
         assert self.cluster is not None
@@ -246,32 +248,37 @@ class Relay:
         oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - oldest_age)) if oldest_age else None
         return {"queued": sum(states.values()), **states, "oldest": oldest, "oldest_age": round(oldest_age, 1)}
 
-    async def _attach(self, pid: int, fd: int) -> str:
-        """Follow the submission child's pipe; returns its listen addresses once it is ready."""
+    async def _attach(self, children: list[tuple[int, int]]) -> str:
+        """Follow every submission child's pipe; returns their listen addresses once all are ready
+        (they share them: one child, or several on the same SO_REUSEPORT ports, PERF-5)."""
         from mta.submission.process import read_notifications
 
-        self.child_pid = pid
-        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        def on_ready(addresses: str) -> None:
-            if not ready.done():
-                ready.set_result(addresses)
+        loop = asyncio.get_running_loop()
+        self.child_pid = children[0][0]
+        self.child_pids = [pid for pid, _ in children]
 
         def on_id(qid: str) -> None:
             self.scheduler.schedule(qid, time.time())
 
-        async def follow() -> None:
+        async def follow(pid: int, fd: int, ready: asyncio.Future[str]) -> None:
+            def on_ready(addresses: str) -> None:
+                if not ready.done():
+                    ready.set_result(addresses)
+
             await read_notifications(fd, on_id, on_ready)
             if not ready.done():
                 ready.set_exception(SpoolError("the submission process failed to start"))
             elif not self.stop_event.is_set():
-                # The listener is gone: stop (exit 1) so a supervisor restarts us; the spool is intact.
-                _log.error("submission process exited unexpectedly; stopping")
+                # A listener is gone: stop (exit 1) so a supervisor restarts us; the spool is intact.
+                _log.error("submission process exited unexpectedly; stopping (pid %d)", pid)
                 self.failed = True
                 self.child_gone.set()
 
-        self.child_task = asyncio.get_running_loop().create_task(follow())
-        return await ready
+        readies: list[asyncio.Future[str]] = []
+        for pid, fd in children:
+            readies.append(loop.create_future())
+            self.child_tasks.append(loop.create_task(follow(pid, fd, readies[-1])))
+        return (await asyncio.gather(*readies))[0]
 
     async def _sweep_pool(self) -> None:
         while not self.stop_event.is_set():
@@ -282,12 +289,11 @@ class Relay:
     async def stop(self) -> None:
         log.event("stopping", queued=self.scheduler.queued)
         self.stop_event.set()
-        if self.child_pid is not None:
+        if self.child_pids:
             from mta.submission.process import stop_child
 
-            await stop_child(self.child_pid)
-            if self.child_task is not None:
-                await asyncio.gather(self.child_task, return_exceptions=True)
+            await asyncio.gather(*(stop_child(pid) for pid in self.child_pids))
+            await asyncio.gather(*self.child_tasks, return_exceptions=True)
         if self.listeners is not None:
             await self.listeners.stop()
         await self.scheduler.drain(DRAIN_TIMEOUT)
@@ -309,7 +315,7 @@ class Relay:
         self.store.unlock()
 
 
-async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None,
+async def serve(cfg: Config, store: SpoolStore | None = None, child: list[tuple[int, int]] | None = None,
                 resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()

@@ -87,13 +87,13 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         log.event("config-warning", reason=warning)
 
     store: SpoolStore | None = None
-    child: tuple[int, int] | None = None
+    child: list[tuple[int, int]] | None = None
     resumed: list[tuple[str, float | None]] | None = None
     resume_seconds = 0.0
     if cfg.submission.separate_process:
-        # Lock, recover the spool, THEN fork the listener child (recovery deletes half-written
+        # Lock, recover the spool, THEN fork the listener children (recovery deletes half-written
         # files, which must never be the child's), all before any event loop or thread exists.
-        from mta.submission.process import spawn
+        from mta.submission.process import spawn_all
 
         store = SpoolStore(cfg.queue.path)
         store.prepare()
@@ -105,7 +105,7 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         with store.writers_excluded():
             resumed = resume(store)
         resume_seconds = time.monotonic() - t0
-        child = spawn(cfg, close_fds=(store._lock_fd,))
+        child = spawn_all(cfg, store._lock_fd)  # [submission] processes children (PERF-5)
     return runtime.run(serve(cfg, store, child, resumed, resume_seconds))
 
 
