@@ -216,6 +216,7 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
         # 3. baselines
         c0, tls0, _ = sink.snapshot()
         cpu0 = procstat.tree_cpu(root)
+        parent0 = procstat.cpu_seconds([root])  # mta: the parent alone (scheduler + delivery, PERF-5)
         sink_cpu0 = procstat.tree_cpu(sink.proc.pid)
         disk = diskflush.Meter(run_dir).start()  # before the sampler: it sleeps to learn the background
         sampler = procstat.Sampler(root).start()
@@ -247,6 +248,7 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
         # 6. end to end
         done = sink.wait_for(c0 + n, budget(n))
         cpu1 = procstat.tree_cpu(root)
+        parent1 = procstat.cpu_seconds([root])
         disk_flushes, background = disk.stop()
         sink_cpu = procstat.tree_cpu(sink.proc.pid) - sink_cpu0
         peak = sampler.stop()
@@ -257,6 +259,8 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
         lat = json.loads(probe_out)["latencies"]
         if disk_flushes is not None:
             extra["flushes_per_msg"] = disk_flushes / n
+        if kind == "mta":
+            extra["parent_cpu_per_1k"] = (parent1 - parent0) * 1000 / n
         result = {
             "submit_rate": n / (t_sub - t0),
             "e2e_rate": n / (last - t0),
