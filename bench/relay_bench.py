@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                         results[case][kind].append(r)
                         shown = "ERROR " + r["error"].splitlines()[0] if "error" in r else \
                             ", ".join(f"{k}={r[k]:.1f}" for k, _, _ in METRICS if k in r)
+                        if "cpu_main_per_1k" in r:
+                            shown += f", cpu_main={r['cpu_main_per_1k']:.2f}, cpu_rest={r['cpu_rest_per_1k']:.2f}"
                         print(f"  run {run + 1} {case:12} {kind:8} {time.monotonic() - started:5.1f}s  {shown}",
                               flush=True)
                         if not args.keep:
