@@ -46,8 +46,8 @@ METRICS = [  # key, label, format
     ("peak_pss_mb", "peak PSS, process tree (MB)", "{:.1f}"),
     ("cpu_per_1k", "CPU s per 1,000 messages", "{:.2f}"),
     ("flushes_per_msg", "disk flushes per message (less background)", "{:.2f}"),
-    # mta only: the parent process (scheduler + delivery) of that CPU, the rest is the listeners (PERF-5)
-    ("parent_cpu_per_1k", "of which mta's parent (delivery) CPU s per 1,000", "{:.2f}"),
+    # mta: its parent process (scheduler + delivery), the rest is the listeners (PERF-5); Postfix: master
+    ("cpu_main_per_1k", "of which the root process (mta: delivery) CPU s per 1,000", "{:.2f}"),
 ]
 
 
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         results[case][kind].append(r)
                         shown = "ERROR " + r["error"].splitlines()[0] if "error" in r else \
                             ", ".join(f"{k}={r[k]:.1f}" for k, _, _ in METRICS if k in r)
+                        if "cpu_main_per_1k" in r:
+                            shown += f", cpu_main={r['cpu_main_per_1k']:.2f}, cpu_rest={r['cpu_rest_per_1k']:.2f}"
                         print(f"  run {run + 1} {case:12} {kind:8} {time.monotonic() - started:5.1f}s  {shown} "
                               f"load {loadavg()}",
                               flush=True)
