@@ -58,6 +58,10 @@ CASES: dict[str, Case] = {c.name: c for c in (
          note="verified TLS: mta relayhost_tls=verify / Postfix secure, match=" + TLS_MX),
     Case("sts-enforce", "sts.test", True, True, {"mta_sts": {"enabled": True}}, "secure",
          note="MTA-STS enforce, warm cache / Postfix static secure policy (what a resolver returns)"),
+    # One message per submission connection, as the issue 18 measurements ran every leg: the
+    # submission side then costs the same as in plain-1pc, so the two differ only in delivery.
+    Case("sts-enforce-1pc", "sts.test", True, False, {"mta_sts": {"enabled": True}}, "secure",
+         note="as sts-enforce, one message per submission connection"),
     # Postfix at its best TLS setting (issue 18): one TLS connection carries many deliveries.
     Case("sts-enforce-pfreuse", "sts.test", True, True, {"mta_sts": {"enabled": True}}, "secure",
          {"smtp_tls_connection_reuse": "yes"},

@@ -129,8 +129,9 @@ class Relay:
         self.scheduler_task: asyncio.Task[None] | None = None
         self.http: object | None = None  # the operations endpoint (mta.http), when [http] listen is set
         self._background: list[asyncio.Task[None]] = []
-        self.child_pid: int | None = None
-        self.child_task: asyncio.Task[None] | None = None
+        self.child_pid: int | None = None  # the first submission child (any of them gone: child_gone)
+        self.child_pids: list[int] = []
+        self.child_tasks: list[asyncio.Task[None]] = []
         self.child_gone = asyncio.Event()  # set when the relay must stop with status 1
         self.failed = False
         self.resume: Resume | None = None
@@ -157,9 +158,9 @@ class Relay:
         if due is not None:
             self.scheduler.add_new(meta.id, due)
 
-    async def start(self, child: tuple[int, int] | None = None, prepared: bool = False) -> None:
-        """Start serving, then read the spool in the background (PERF-4); `child` = (pid, pipe) of a
-        submission process, which must only have been started after `recovery.before_listening`
+    async def start(self, child: list[tuple[int, int]] | None = None, prepared: bool = False) -> None:
+        """Start serving, then read the spool in the background (PERF-4); `child` = [(pid, pipe)] of the
+        submission processes, which must only have been started after `recovery.before_listening`
         (`prepared`): that removes half-written files, and would remove the child's if it were
         already accepting mail."""
         if self.store._lock_fd is None:
@@ -181,7 +182,7 @@ class Relay:
             await self.listeners.start()
             listen = " ".join(f"{h}:{p}" for h, p in self.listeners.addresses())
         else:
-            listen = await self._attach(*child)
+            listen = await self._attach(child)
         self.scheduler_task = loop.create_task(self.scheduler.run(self.stop_event))
         self._background.append(self.scheduler_task)
         self._background.append(loop.create_task(self._sweep_pool()))
@@ -207,7 +208,8 @@ class Relay:
         log.event("started", listen=listen, queued=self.scheduler.queued,
                   resume="finished" if seconds is not None else "running",
                   resume_seconds=None if seconds is None else round(seconds, 2),
-                  submission_pid=child[0] if child else None)
+                  submission_pid=child[0][0] if child else None,
+                  **({"submission_pids": [pid for pid, _ in child]} if child and len(child) > 1 else {}))
 
     async def _resume(self) -> None:
         assert self.resume is not None
@@ -242,32 +244,37 @@ class Relay:
         oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - oldest_age)) if oldest_age else None
         return {"queued": sum(states.values()), **states, "oldest": oldest, "oldest_age": round(oldest_age, 1)}
 
-    async def _attach(self, pid: int, fd: int) -> str:
-        """Follow the submission child's pipe; returns its listen addresses once it is ready."""
+    async def _attach(self, children: list[tuple[int, int]]) -> str:
+        """Follow every submission child's pipe; returns their listen addresses once all are ready
+        (they share them: one child, or several on the same SO_REUSEPORT ports, PERF-5)."""
         from mta.submission.process import read_notifications
 
-        self.child_pid = pid
-        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        def on_ready(addresses: str) -> None:
-            if not ready.done():
-                ready.set_result(addresses)
+        loop = asyncio.get_running_loop()
+        self.child_pid = children[0][0]
+        self.child_pids = [pid for pid, _ in children]
 
         def on_id(qid: str) -> None:
             self.scheduler.add_new(qid, time.time())
 
-        async def follow() -> None:
+        async def follow(pid: int, fd: int, ready: asyncio.Future[str]) -> None:
+            def on_ready(addresses: str) -> None:
+                if not ready.done():
+                    ready.set_result(addresses)
+
             await read_notifications(fd, on_id, on_ready)
             if not ready.done():
                 ready.set_exception(SpoolError("the submission process failed to start"))
             elif not self.stop_event.is_set():
-                # The listener is gone: stop (exit 1) so a supervisor restarts us; the spool is intact.
-                _log.error("submission process exited unexpectedly; stopping")
+                # A listener is gone: stop (exit 1) so a supervisor restarts us; the spool is intact.
+                _log.error("submission process exited unexpectedly; stopping (pid %d)", pid)
                 self.failed = True
                 self.child_gone.set()
 
-        self.child_task = asyncio.get_running_loop().create_task(follow())
-        return await ready
+        readies: list[asyncio.Future[str]] = []
+        for pid, fd in children:
+            readies.append(loop.create_future())
+            self.child_tasks.append(loop.create_task(follow(pid, fd, readies[-1])))
+        return (await asyncio.gather(*readies))[0]
 
     async def _sweep_pool(self) -> None:
         while not self.stop_event.is_set():
@@ -278,12 +285,11 @@ class Relay:
     async def stop(self) -> None:
         log.event("stopping", queued=self.scheduler.queued)
         self.stop_event.set()
-        if self.child_pid is not None:
+        if self.child_pids:
             from mta.submission.process import stop_child
 
-            await stop_child(self.child_pid)
-            if self.child_task is not None:
-                await asyncio.gather(self.child_task, return_exceptions=True)
+            await asyncio.gather(*(stop_child(pid) for pid in self.child_pids))
+            await asyncio.gather(*self.child_tasks, return_exceptions=True)
         if self.listeners is not None:
             await self.listeners.stop()
         await self.scheduler.drain(DRAIN_TIMEOUT)
@@ -305,7 +311,7 @@ class Relay:
         self.store.unlock()
 
 
-async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None,
+async def serve(cfg: Config, store: SpoolStore | None = None, child: list[tuple[int, int]] | None = None,
                 prepared: bool = False) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()

@@ -86,20 +86,20 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         log.event("config-warning", reason=warning)
 
     store: SpoolStore | None = None
-    child: tuple[int, int] | None = None
+    child: list[tuple[int, int]] | None = None
     if cfg.submission.separate_process:
-        # Lock, make the spool safe to write to, THEN fork the listener child (that step deletes
+        # Lock, make the spool safe to write to, THEN fork the listener children (that step deletes
         # half-written files, which must never be the child's), all before any event loop or
         # thread exists. Reading the queued messages happens after, in the background (PERF-4).
         from mta.spool.recovery import before_listening
-        from mta.submission.process import spawn
+        from mta.submission.process import spawn_all
 
         store = SpoolStore(cfg.queue.path)
         store.prepare()
         store.lock()
         assert store._lock_fd is not None
         before_listening(store)
-        child = spawn(cfg, close_fds=(store._lock_fd,))
+        child = spawn_all(cfg, store._lock_fd)  # [submission] processes children (PERF-5)
     return runtime.run(serve(cfg, store, child, prepared=store is not None))
 
 

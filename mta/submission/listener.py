@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from email._header_value_parser import get_addr_spec, get_angle_addr
@@ -143,7 +144,7 @@ class RelaySMTP(SMTP):
     # (about 0.1 ms, a tenth of the CPU of a message that comes on its own connection). It only
     # looks for names with these prefixes, so dir() lists just those (computed once per class).
     def __dir__(self) -> list[str]:
-        return hook_names(type(self), ("smtp_", "auth_", "handle_"))
+        return hook_names(self, ("smtp_", "auth_", "handle_"))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's MAIL/RCPT address parser (same results), without its per-call cost.
@@ -357,16 +358,21 @@ class Listeners:
             authenticator=self.handler.authenticator,
         )
 
-    async def start(self) -> None:
+    async def start(self, socks: list[socket.socket] | None = None) -> None:
+        """Listen on every configured address; `socks` (one per address, in this order) are already
+        bound and listening (several processes on one port, mta.submission.sockets)."""
         loop = asyncio.get_running_loop()
+        given = iter(socks or ())
         for implicit, addrs in ((False, self.cfg.listen), (True, self.cfg.implicit_tls_listen)):
             for item in addrs:
                 host, port = parse_hostport(item)
                 name = listener_name(implicit, port)
+                sock = next(given, None)
+                where: dict[str, Any] = {"sock": sock} if sock is not None else \
+                    {"host": host, "port": port, "reuse_address": True}
                 server = await loop.create_server(
                     lambda implicit=implicit, name=name: self._factory(implicit, name),  # type: ignore[misc]
-                    host=host, port=port, ssl=self.tls_context if implicit else None,
-                    reuse_address=True, backlog=_BACKLOG,
+                    ssl=self.tls_context if implicit else None, backlog=_BACKLOG, **where,
                     # The SMTP idle timer starts only after the handshake: bound the handshake too.
                     ssl_handshake_timeout=self.cfg.idle_timeout if implicit else None,
                 )
