@@ -164,10 +164,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cases", default=",".join(runner.CASES), help="comma-separated; default all")
     ap.add_argument("--relays", default="mta,postfix", help="mta, postfix or both (default)")
     ap.add_argument("--quick", action="store_true", help="N=2000, 1 run, smaller scale case")
-    ap.add_argument("--no-scale", action="store_true", help="skip the 100,000-deferred scale case")
+    ap.add_argument("--no-scale", action="store_true", help="skip the scale case (--scale-deferred in the spool)")
     ap.add_argument("--scale-only", action="store_true", help="only the scale case")
     ap.add_argument("--scale-deferred", type=int, default=100_000)
     ap.add_argument("--scale-new", type=int, default=10_000)
+    ap.add_argument("--scale-dir", default="", help="where the scale case's spools go (e.g. /dev/shm); default: "
+                    "the work folder")
     ap.add_argument("--max-minutes", type=float, default=60.0, help="stop starting new runs after this")
     ap.add_argument("--workdir", default="", help="where queues go (default: a new folder in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     scale_rows, scale_notes = scale.run(world, workdir / "scale", deferred=args.scale_deferred,
                                            new=args.scale_new, runs=args.runs, sessions=args.sessions,
-                                           size=args.size, deadline=deadline)
+                                           size=args.size, deadline=deadline,
+                                           spool_dir=Path(args.scale_dir) if args.scale_dir else None)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -83,9 +83,15 @@ def valid_address(address: str) -> bool:
     return bool(_DOMAIN.match(domain)) and ".." not in domain
 
 
+def hook_names(obj: object, prefixes: tuple[str, ...]) -> list[str]:
+    """The attribute names of `obj` that start with one of `prefixes` (see RelaySMTP.__dir__):
+    its class's (listed once per class) and its own."""
+    own = [name for name in vars(obj) if name.startswith(prefixes)]
+    return _class_hook_names(type(obj), prefixes) + own if own else _class_hook_names(type(obj), prefixes)
+
+
 @functools.cache
-def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
-    """The attribute names of `cls` that start with one of `prefixes` (see RelaySMTP.__dir__)."""
+def _class_hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     return [name for name in dir(cls) if name.startswith(prefixes)]
 
 
@@ -125,7 +131,7 @@ class SubmissionHandler:
     def __dir__(self) -> list[str]:
         # aiosmtpd looks for handle_*/auth_* with dir() on every connection: list only those
         # (RelaySMTP.__dir__ says why).
-        return hook_names(type(self), ("handle_", "auth_"))
+        return hook_names(self, ("handle_", "auth_"))
 
     def may_relay(self, session: Session) -> bool:
         if session.authenticated:

@@ -144,7 +144,7 @@ class RelaySMTP(SMTP):
     # (about 0.1 ms, a tenth of the CPU of a message that comes on its own connection). It only
     # looks for names with these prefixes, so dir() lists just those (computed once per class).
     def __dir__(self) -> list[str]:
-        return hook_names(type(self), ("smtp_", "auth_", "handle_"))
+        return hook_names(self, ("smtp_", "auth_", "handle_"))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's MAIL/RCPT address parser (same results), without its per-call cost.

@@ -69,3 +69,16 @@ async def test_hook_discovery_unchanged_by_short_dir(tmp_path: Path) -> None:
     assert proto._ehlo_hook_ver == "new"
     assert len(inspect.signature(handler.handle_EHLO).parameters) == 5
     await asyncio.sleep(0)
+
+
+async def test_hook_set_on_the_handler_instance_is_still_found(tmp_path: Path) -> None:
+    cfg = config.from_dict({"hostname": "relay.test", "queue": {"path": str(tmp_path / "q")},
+                            "submission": {"listen": ["127.0.0.1:0"]}})
+    handler = SubmissionHandler(cfg.submission, cfg.hostname, SpoolStore(cfg.queue.path), lambda meta: None)
+
+    async def handle_RSET(*args: Any) -> str:
+        return "250 2.0.0 Ok"
+
+    handler.handle_RSET = handle_RSET  # type: ignore[attr-defined]
+    proto = Listeners(cfg.submission, cfg.hostname, handler).protocol()
+    assert proto._handle_hooks["RSET"] is handle_RSET
