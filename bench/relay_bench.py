@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--profile", default="", help="run mta under cProfile; .prof files go to this folder")
     ap.add_argument("--results", default=str(BENCH / "results-latest.md"))
+    ap.add_argument("--mta-set", action="append", default=[], metavar="SECTION.KEY=TOML",
+                    help="set an mta config key on every mta run, e.g. queue.group_commit=false (repeatable)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.runs = 2000, 1
@@ -176,6 +179,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.n < args.sessions:
         ap.error("--n must be at least --sessions")
     return args
+
+
+def mta_settings(items: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings (value in TOML syntax) as a nested dict of config overrides."""
+    out: dict[str, Any] = {}
+    for item in items:
+        path, _, value = item.partition("=")
+        *sections, key = path.strip().split(".")
+        node = out
+        for name in sections:
+            node = node.setdefault(name, {})
+        node[key] = tomllib.loads(f"v = {value}")["v"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     if args.profile:
         runner.MtaRelay.profile_dir = Path(args.profile).resolve()
+    runner.MtaRelay.extra = mta_settings(args.mta_set)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mta-bench-", dir="/var/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.max_minutes * 60

@@ -203,6 +203,8 @@ class Relay:
         self.scheduler_task = loop.create_task(self.scheduler.run(self.stop_event))
         self._background.append(self.scheduler_task)
         self._background.append(loop.create_task(self._sweep_pool()))
+        if child is not None and self.cfg.queue.group_commit:
+            self._background.append(loop.create_task(self._checkpoints()))
         if self.sts is not None and hasattr(self.sts, "refresh_loop"):
             self._background.append(loop.create_task(self.sts.refresh_loop(
                 self.stop_event, interval=self.cfg.mta_sts.refresh_interval)))
@@ -257,7 +259,10 @@ class Relay:
             if not ready.done():
                 ready.set_result(addresses)
 
-        def on_id(qid: str) -> None:
+        def on_id(line: str) -> None:
+            qid, _, segment = line.partition(" ")
+            if segment:
+                self.store.book.note(qid, segment)  # before scheduling: a fast delivery marks it done
             self.scheduler.schedule(qid, time.time())
 
         async def follow() -> None:
@@ -279,6 +284,16 @@ class Relay:
                 await asyncio.wait_for(self.stop_event.wait(), timeout=max(1.0, self.pool.max_idle_time))
             await self.pool.sweep()
 
+    async def _checkpoints(self) -> None:
+        """Checkpoint the submission child's sealed journal segments (mta/spool/journal.py)."""
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=1.0)
+            try:
+                await asyncio.to_thread(self.store.book.checkpoint_due)
+            except OSError as exc:  # the segments stay, and so does every message: retried next time
+                _log.error("spool: journal checkpoint failed: %s", exc)
+
     async def stop(self) -> None:
         log.event("stopping", queued=self.scheduler.queued)
         self.stop_event.set()
@@ -291,6 +306,10 @@ class Relay:
         if self.listeners is not None:
             await self.listeners.stop()
         await self.scheduler.drain(DRAIN_TIMEOUT)
+        if self.child_pid is not None:
+            # The child is gone: every segment is final. Leave none behind for the next start.
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.store.book.checkpoint_all)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
