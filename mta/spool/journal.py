@@ -53,11 +53,12 @@ log = logging.getLogger("mta.spool")
 SEGMENT_MAGIC = b"MTA-JOURNAL-1\n"
 RECORD_MAGIC = b"MTAJ"
 _HEAD = struct.Struct(">4sIII")
-# A segment is sealed past this size, or once it is SEAL_AGE seconds old with nothing in flight;
-# the owner checkpoints it CHECKPOINT_AGE seconds after that, when most of its mail is delivered
-# (a checkpoint flushes every message of the segment still in the spool, one flush each).
-SEGMENT_BYTES = 8 << 20
-SEAL_AGE = 2.0
+# A segment is this big (written as zeros first; a bigger message gets a segment its size). It is
+# sealed when full, or SEAL_AGE seconds after it was opened once nothing is in flight; the owner
+# checkpoints it CHECKPOINT_AGE seconds later, when most of its mail is delivered (a checkpoint
+# flushes every message file of the segment still in the spool, one flush each).
+SEGMENT_BYTES = 4 << 20
+SEAL_AGE = 10.0
 CHECKPOINT_AGE = 3.0
 
 
@@ -135,12 +136,17 @@ class GroupSync:
 
 
 class _Segment:
-    def __init__(self, folder: Path, name: str, skip_flush: bool) -> None:
+    """One segment file, written in full (zeros) when created and then overwritten record by
+    record: the group fdatasync then changes neither the file's size nor its block map, so ext4
+    needs no journal commit for it: one device flush per batch instead of two or three."""
+
+    def __init__(self, folder: Path, name: str, capacity: int, skip_flush: bool) -> None:
         self.name = name
         self.path = folder / f"{name}.log"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         # Held until the segment is sealed: replay and checkpoint_all leave a live writer's segment alone.
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.capacity = capacity
         self.size = 0
         self.count = 0
         self.inflight = 0
@@ -149,15 +155,26 @@ class _Segment:
         self.sync = GroupSync(self._flush)
         self._skip = skip_flush
 
+    def preallocate(self) -> None:
+        zeros = bytes(min(self.capacity, 1 << 20))
+        done = 0
+        while done < self.capacity:
+            done += os.pwrite(self.fd, zeros[: self.capacity - done], done)
+        self.append(SEGMENT_MAGIC)
+
     def _flush(self) -> None:
         if not self._skip:
             os.fdatasync(self.fd)
 
+    def fits(self, size: int) -> bool:
+        return self.size + size <= self.capacity
+
     def append(self, blob: bytes) -> None:
         view = memoryview(blob)
         while view:
-            view = view[os.write(self.fd, view):]
-        self.size += len(blob)
+            written = os.pwrite(self.fd, view, self.size)
+            view = view[written:]
+            self.size += written
 
 
 class JournalWriter:
@@ -174,12 +191,14 @@ class JournalWriter:
         self._current: _Segment | None = None
         self._serial = 0
 
-    def _open(self) -> _Segment:
+    def _open(self, need: int) -> _Segment:
         self._serial += 1
-        seg = _Segment(self.folder, f"{self._writer}-{self._serial}", self._skip_file)
+        capacity = max(SEGMENT_BYTES, len(SEGMENT_MAGIC) + need)
+        seg = _Segment(self.folder, f"{self._writer}-{self._serial}", capacity, self._skip_file)
         try:
-            seg.append(SEGMENT_MAGIC)
-            seg._flush()
+            seg.preallocate()
+            if not self._skip_file:
+                os.fsync(seg.fd)  # size and blocks: later fdatasyncs then only write data
             if not self._skip_dir:
                 self._fsync_dir(self.folder)  # the segment's name must survive before it holds mail
         except OSError:
@@ -194,10 +213,10 @@ class JournalWriter:
         blob = encode(envelope, data)
         with self._lock:
             seg = self._current
-            if seg is None or seg.size >= SEGMENT_BYTES:
+            if seg is None or not seg.fits(len(blob)):
                 if seg is not None:
                     self._seal_locked(seg)
-                seg = self._current = self._open()
+                seg = self._current = self._open(len(blob))
             seg.append(blob)
             seg.count += 1
             seg.inflight += 1

@@ -65,7 +65,7 @@ def test_pwr_2_control_without_file_fsync_torn_state_goes_to_corrupt(tmp_path: P
     assert stems <= with_data  # no state file was quarantined without its data
 
 
-def test_pwr_3_control_journal_without_its_flush_the_test_reports_losses(tmp_path: Path,
+def test_pwr_4_control_journal_without_its_flush_the_test_reports_losses(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Group commit (issue 18): skip the journal's fdatasync (and every file flush) and the 250s it
     backs must be lost here; with the flush, test_pwr_1[journal] loses nothing."""
