@@ -193,7 +193,10 @@ class JournalWriter:
 
     def _open(self, need: int) -> _Segment:
         self._serial += 1
-        capacity = max(SEGMENT_BYTES, len(SEGMENT_MAGIC) + need)
+        need += len(SEGMENT_MAGIC)
+        st = os.statvfs(self.folder)
+        # At most an eighth of the free space: a small or nearly full spool disk gets small segments.
+        capacity = max(need, min(SEGMENT_BYTES, st.f_bavail * st.f_frsize // 8))
         seg = _Segment(self.folder, f"{self._writer}-{self._serial}", capacity, self._skip_file)
         try:
             seg.preallocate()
