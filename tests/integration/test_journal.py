@@ -212,3 +212,17 @@ def test_a_refused_put_writes_no_record(tmp_path: Path) -> None:
         store.put_sync(meta, data, reserve=1 << 60)
     assert list(store.journal_dir.iterdir()) == []
     assert list(store.tmp.iterdir()) == []
+
+
+def test_an_offline_delete_after_a_crash_is_not_undone_by_the_next_start(tmp_path: Path) -> None:
+    from mta.spool.control import apply_offline
+
+    store, ids = _crash_leftovers(tmp_path)  # a killed server's segment is still there
+    store.mail_path(ids[0]).unlink()  # and a power cut took one unflushed file
+    offline = SpoolStore(store.root)
+    offline.lock()
+    try:
+        assert apply_offline(offline, "delete", ids[1]) == 1
+    finally:
+        offline.unlock()
+    assert sorted(m.id for m in SpoolStore(store.root).recover()) == sorted(ids[:1] + ids[2:])
