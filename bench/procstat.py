@@ -70,6 +70,12 @@ def tree_cpu(root: int) -> float:
     return cpu_seconds(tree(root))
 
 
+def own_cpu(pid: int) -> float:
+    """utime + stime of one process alone (its threads, not its children), in seconds."""
+    fields = _stat_fields(pid)
+    return 0.0 if fields is None else sum(int(x) for x in fields[11:13]) / TICKS
+
+
 def _status_kb(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:

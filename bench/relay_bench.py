@@ -47,6 +47,8 @@ METRICS = [  # key, label, format
     ("peak_pss_mb", "peak PSS, process tree (MB)", "{:.1f}"),
     ("cpu_per_1k", "CPU s per 1,000 messages", "{:.2f}"),
     ("flushes_per_msg", "disk flushes per message (less background)", "{:.2f}"),
+    # mta: its parent process (scheduler + delivery), the rest is the listeners (PERF-5); Postfix: master
+    ("cpu_main_per_1k", "of which the root process (mta: delivery) CPU s per 1,000", "{:.2f}"),
 ]
 
 
@@ -92,8 +94,8 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[list
     rows: list[list[str]] = []
     notes: list[str] = []
     for case, by_kind in results.items():
-        mta_runs, pf_runs = by_kind.get("mta", []), by_kind.get("postfix", [])
-        for kind, runs in (("mta", mta_runs), ("postfix", pf_runs)):
+        mta_kinds = [k for k in by_kind if k.startswith("mta")] or ["mta"]
+        for kind, runs in by_kind.items():
             for i, r in enumerate(runs):
                 if "error" in r:
                     notes.append(f"{case} / {kind} run {i + 1}: FAILED: {r['error'].strip()[:1500]}")
@@ -104,13 +106,18 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[list
                                  "of the run (it may be the bottleneck)")
                 if r.get("tls_share") is not None and runner.CASES[case].tls_sink and r["tls_share"] < 1.0:
                     notes.append(f"{case} / {kind} run {i + 1}: only {r['tls_share']:.0%} of messages over TLS")
-        for key, label, f in METRICS:
-            m = [r[key] for r in mta_runs if key in r]
-            p = [r[key] for r in pf_runs if key in r]
-            ratios = [a[key] / b[key] for a, b in zip(mta_runs, pf_runs, strict=False)
-                      if key in a and key in b and b[key]]
-            rows.append([case, label, fmt(f, runner.median_or_none(m)), fmt(f, runner.median_or_none(p)),
-                         fmt("{:.2f}", runner.median_or_none(ratios))])
+        pf_runs = by_kind.get("postfix", [])
+        for mta_kind in mta_kinds:
+            mta_runs = by_kind.get(mta_kind, [])
+            # --mta-processes 1,2: one block of rows per process count, against the same Postfix runs
+            shown = case if mta_kind == "mta" else f"{case} [{mta_kind}]"
+            for key, label, f in METRICS:
+                m = [r[key] for r in mta_runs if key in r]
+                p = [r[key] for r in pf_runs if key in r]
+                ratios = [a[key] / b[key] for a, b in zip(mta_runs, pf_runs, strict=False)
+                          if key in a and key in b and b[key]]
+                rows.append([shown, label, fmt(f, runner.median_or_none(m)), fmt(f, runner.median_or_none(p)),
+                             fmt("{:.2f}", runner.median_or_none(ratios))])
     if "sts-enforce" in results and "sts-none" in results:
         # The price of enforcing a policy, per relay: enforce rate / no-policy rate, same run.
         for key, label in (("e2e_rate", "enforce/none end-to-end rate"), ("cpu_per_1k", "enforce/none CPU per msg")):
@@ -158,13 +165,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cases", default=",".join(runner.CASES), help="comma-separated; default all")
     ap.add_argument("--relays", default="mta,postfix", help="mta, postfix or both (default)")
     ap.add_argument("--quick", action="store_true", help="N=2000, 1 run, smaller scale case")
-    ap.add_argument("--no-scale", action="store_true", help="skip the 100,000-deferred scale case")
+    ap.add_argument("--no-scale", action="store_true", help="skip the scale case (--scale-deferred in the spool)")
     ap.add_argument("--scale-only", action="store_true", help="only the scale case")
     ap.add_argument("--scale-deferred", type=int, default=100_000)
     ap.add_argument("--scale-new", type=int, default=10_000)
+    ap.add_argument("--scale-dir", default="", help="where the scale case's spools go (e.g. /dev/shm); default: "
+                    "the work folder")
     ap.add_argument("--max-minutes", type=float, default=60.0, help="stop starting new runs after this")
     ap.add_argument("--workdir", default="", help="where queues go (default: a new folder in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--mta-processes", default="1",
+                    help="mta's [submission] processes; several (e.g. 1,2) run mta once per value in each run, "
+                         "as relays mta-p1, mta-p2 (default 1)")
     ap.add_argument("--profile", default="", help="run mta under cProfile; .prof files go to this folder")
     ap.add_argument("--results", default=str(BENCH / "results-latest.md"))
     ap.add_argument("--mta-set", action="append", default=[], metavar="SECTION.KEY=TOML",
@@ -173,6 +185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.n, args.runs = 2000, 1
         args.scale_deferred, args.scale_new = min(args.scale_deferred, 20_000), min(args.scale_new, 2000)
+    if not all(v.isdigit() and int(v) >= 1 for v in args.mta_processes.split(",")):
+        ap.error(f"--mta-processes: expected numbers >= 1 separated by commas, got {args.mta_processes!r}")
     unknown = set(args.cases.split(",")) - set(runner.CASES)
     if unknown:
         ap.error(f"unknown case(s) {sorted(unknown)}; known: {list(runner.CASES)}")
@@ -210,7 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mta-bench-", dir="/var/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.max_minutes * 60
-    kinds = [k for k in ("mta", "postfix") if k in args.relays.split(",")]
+    counts = [int(v) for v in args.mta_processes.split(",")]
+    # relay name -> mta config overrides (Postfix: none)
+    variants: dict[str, dict[str, Any]] = {}
+    for kind in ("mta", "postfix"):
+        if kind not in args.relays.split(","):
+            continue
+        if kind == "postfix":
+            variants["postfix"] = {}
+        elif len(counts) == 1:
+            variants["mta"] = {"submission": {"processes": counts[0]}}
+        else:
+            variants.update({f"mta-p{c}": {"submission": {"processes": c}} for c in counts})
+    kinds = list(variants)
     cases = [] if args.scale_only else args.cases.split(",")
     results: dict[str, dict[str, list[dict[str, Any]]]] = {c: {k: [] for k in kinds} for c in cases}
     scale_rows: list[list[str]] = []
@@ -228,11 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                             break
                         run_dir = workdir / f"run{run + 1}-{case}-{kind}"
                         started = time.monotonic()
-                        r = runner.run_once(world, runner.CASES[case], kind, args.n, args.sessions, args.size, run_dir)
+                        r = runner.run_once(world, runner.CASES[case], "postfix" if kind == "postfix" else "mta",
+                                            args.n, args.sessions, args.size, run_dir, mta_overrides=variants[kind])
                         results[case][kind].append(r)
                         shown = "ERROR " + r["error"].splitlines()[0] if "error" in r else \
                             ", ".join(f"{k}={r[k]:.1f}" for k, _, _ in METRICS if k in r)
-                        print(f"  run {run + 1} {case:12} {kind:8} {time.monotonic() - started:5.1f}s  {shown}",
+                        if "cpu_main_per_1k" in r:
+                            shown += f", cpu_main={r['cpu_main_per_1k']:.2f}, cpu_rest={r['cpu_rest_per_1k']:.2f}"
+                        print(f"  run {run + 1} {case:12} {kind:8} {time.monotonic() - started:5.1f}s  {shown} "
+                              f"load {loadavg()}",
                               flush=True)
                         if not args.keep:
                             shutil.rmtree(run_dir, ignore_errors=True)
@@ -242,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     scale_rows, scale_notes = scale.run(world, workdir / "scale", deferred=args.scale_deferred,
                                            new=args.scale_new, runs=args.runs, sessions=args.sessions,
-                                           size=args.size, deadline=deadline)
+                                           size=args.size, deadline=deadline,
+                                           spool_dir=Path(args.scale_dir) if args.scale_dir else None)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -25,7 +25,9 @@ from mta.delivery.unreachable import UnreachableHosts
 from mta.delivery.worker import Worker
 from mta.errors import SpoolError
 from mta.net.dns import Resolver
+from mta.resume import Resume
 from mta.scheduler import Scheduler
+from mta.spool.recovery import before_listening
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.listener import Listeners, build_listeners
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("mta.app")
 DRAIN_TIMEOUT = 20.0
+STARTED_GRACE = 5.0  # seconds the "started" event waits for the background scan (not the listeners)
 
 
 def build_resolver(cfg: Config) -> Resolver:
@@ -92,20 +95,7 @@ def build_timeouts(cfg: Config) -> Timeouts:
                     data_block=d.data_timeout, data_final=d.data_timeout)
 
 
-def resume(store: SpoolStore) -> list[tuple[str, float | None]]:
-    """Start-up recovery (debris removed, corrupt entries quarantined): (id, due) of every message to
-    resume; due is None for a held message (not scheduled, but counted in mta_queue_messages)."""
-    out: list[tuple[str, float | None]] = []
-    for meta in store.recover():
-        due = meta.next_due()
-        if meta.held:
-            out.append((meta.id, None))
-            continue
-        if due is None:
-            store._discard(meta.id)
-            continue
-        out.append((meta.id, due))
-    return out
+MARK_INTERVAL = 0.1  # seconds between flushes of the journal's finished-message marks
 
 
 class Relay:
@@ -142,10 +132,12 @@ class Relay:
         self.scheduler_task: asyncio.Task[None] | None = None
         self.http: object | None = None  # the operations endpoint (mta.http), when [http] listen is set
         self._background: list[asyncio.Task[None]] = []
-        self.child_pid: int | None = None
-        self.child_task: asyncio.Task[None] | None = None
-        self.child_gone = asyncio.Event()
+        self.child_pid: int | None = None  # the first submission child (any of them gone: child_gone)
+        self.child_pids: list[int] = []
+        self.child_tasks: list[asyncio.Task[None]] = []
+        self.child_gone = asyncio.Event()  # set when the relay must stop with status 1
         self.failed = False
+        self.resume: Resume | None = None
 
     def _build_recorder(self) -> object:
         from mta.delivery.attempt import NullRecorder
@@ -167,39 +159,33 @@ class Relay:
     def on_new_message(self, meta: MessageMeta) -> None:
         due = meta.next_due()
         if due is not None:
-            self.scheduler.schedule(meta.id, due)
+            self.scheduler.add_new(meta.id, due)
 
-    async def start(self, child: tuple[int, int] | None = None,
-                    resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> None:
-        """Resume the queue and start serving; `child` = (pid, pipe) of a submission process, which
-        must only have been started after the spool was recovered (`resumed`): recovery removes
-        half-written files, and would remove the child's if it were already accepting mail."""
+    async def start(self, child: list[tuple[int, int]] | None = None, prepared: bool = False) -> None:
+        """Start serving, then read the spool in the background (PERF-4); `child` = [(pid, pipe)] of the
+        submission processes, which must only have been started after `recovery.before_listening`
+        (`prepared`): that removes half-written files, and would remove the child's if it were
+        already accepting mail."""
         if self.store._lock_fd is None:
             self.store.lock()
         if self.cluster is not None:
             # Bounded: a database that is down or slow is logged and retried in the background
             # (CLU-5); only a schema from a newer mta stops the start (SchemaTooNew, one line).
             await self._start_cluster()
-        started = time.monotonic() - resume_seconds  # recovery may have run before the fork
-        if resumed is None:
-            def guarded() -> list[tuple[str, float]]:
-                with self.store.writers_excluded():  # no `sendmail` writes during the scan
-                    return resume(self.store)
-
-            resumed = await asyncio.to_thread(guarded)
-        for qid, due in resumed:
-            if due is None:
-                self.scheduler.held.add(qid)
-            else:
-                self.scheduler.schedule(qid, due)
-        count = len(resumed) - len(self.scheduler.held)
+        if not prepared:
+            await asyncio.to_thread(before_listening, self.store)
+        # Before any listener or ctl/ request can schedule a message: from here on the scheduler
+        # tells the scan's reports from the live side's (mta.scheduler, module rule).
+        self.scheduler.begin_scan()
+        self.resume = Resume(self.store, self.scheduler)
+        self._background.append(asyncio.get_running_loop().create_task(self._resume()))
         loop = asyncio.get_running_loop()
         if child is None:
             self.listeners = build_listeners(self.cfg, self.store, self.on_new_message)
             await self.listeners.start()
             listen = " ".join(f"{h}:{p}" for h, p in self.listeners.addresses())
         else:
-            listen = await self._attach(*child)
+            listen = await self._attach(child)
         self.scheduler_task = loop.create_task(self.scheduler.run(self.stop_event))
         self._background.append(self.scheduler_task)
         self._background.append(loop.create_task(self._sweep_pool()))
@@ -218,8 +204,26 @@ class Relay:
             from mta.http import relay_ops, server
 
             self.http = await server.start(relay_ops.build_ops(self), self.cfg.http)
-        log.event("started", listen=listen, queued=count, resume_seconds=round(time.monotonic() - started, 2),
-                  submission_pid=child[0] if child else None)
+        # "started" carries the whole queue when the scan is quick (small spools); otherwise it says
+        # the scan is still running and a "resume" event reports its end.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.resume.done.wait(), STARTED_GRACE)
+        seconds = self.resume.seconds
+        assert self.resume is not None
+        log.event("started", listen=listen, queued=self.scheduler.queued,
+                  resume="finished" if seconds is not None else "running",
+                  resume_seconds=None if seconds is None else round(seconds, 2),
+                  submission_pid=child[0][0] if child else None,
+                  **({"submission_pids": [pid for pid, _ in child]} if child and len(child) > 1 else {}))
+
+    async def _resume(self) -> None:
+        assert self.resume is not None
+        await self.resume.run()
+        if not self.resume.ok and not self.stop_event.is_set():
+            # Unread parts of the spool would wait for the next start: stop (exit 1) so that a
+            # supervisor restarts us at once; the spool is intact.
+            self.failed = True
+            self.child_gone.set()
 
     async def _start_cluster(self) -> None:
         assert self.cluster is not None
@@ -241,42 +245,44 @@ class Relay:
 
     def queue_summary(self) -> dict[str, object]:
         """This node's queue for the cluster node table: the same figures as the queue gauges."""
-        from mta.spool.store import id_created
-
-        due, inflight, held = self.scheduler.snapshot()
-        states, oldest_age = metrics.queue_gauges(due, inflight, held, time.time(), id_created)
+        states, oldest_age = self.scheduler.queue_state(time.time(), metrics.queue_gauges)
         oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - oldest_age)) if oldest_age else None
         return {"queued": sum(states.values()), **states, "oldest": oldest, "oldest_age": round(oldest_age, 1)}
 
-    async def _attach(self, pid: int, fd: int) -> str:
-        """Follow the submission child's pipe; returns its listen addresses once it is ready."""
+    async def _attach(self, children: list[tuple[int, int]]) -> str:
+        """Follow every submission child's pipe; returns their listen addresses once all are ready
+        (they share them: one child, or several on the same SO_REUSEPORT ports, PERF-5)."""
         from mta.submission.process import read_notifications
 
-        self.child_pid = pid
-        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        def on_ready(addresses: str) -> None:
-            if not ready.done():
-                ready.set_result(addresses)
+        loop = asyncio.get_running_loop()
+        self.child_pid = children[0][0]
+        self.child_pids = [pid for pid, _ in children]
 
         def on_id(line: str) -> None:
             qid, _, segment = line.partition(" ")
             if segment:
                 self.store.book.note(qid, segment)  # before scheduling: a fast delivery marks it done
-            self.scheduler.schedule(qid, time.time())
+            self.scheduler.add_new(qid, time.time())
 
-        async def follow() -> None:
+        async def follow(pid: int, fd: int, ready: asyncio.Future[str]) -> None:
+            def on_ready(addresses: str) -> None:
+                if not ready.done():
+                    ready.set_result(addresses)
+
             await read_notifications(fd, on_id, on_ready)
             if not ready.done():
                 ready.set_exception(SpoolError("the submission process failed to start"))
             elif not self.stop_event.is_set():
-                # The listener is gone: stop (exit 1) so a supervisor restarts us; the spool is intact.
-                _log.error("submission process exited unexpectedly; stopping")
+                # A listener is gone: stop (exit 1) so a supervisor restarts us; the spool is intact.
+                _log.error("submission process exited unexpectedly; stopping (pid %d)", pid)
                 self.failed = True
                 self.child_gone.set()
 
-        self.child_task = asyncio.get_running_loop().create_task(follow())
-        return await ready
+        readies: list[asyncio.Future[str]] = []
+        for pid, fd in children:
+            readies.append(loop.create_future())
+            self.child_tasks.append(loop.create_task(follow(pid, fd, readies[-1])))
+        return (await asyncio.gather(*readies))[0]
 
     async def _sweep_pool(self) -> None:
         while not self.stop_event.is_set():
@@ -285,24 +291,30 @@ class Relay:
             await self.pool.sweep()
 
     async def _checkpoints(self) -> None:
-        """Checkpoint the submission child's sealed journal segments (mta/spool/journal.py)."""
+        """The journal's upkeep (mta/spool/journal.py): flush the finished-message marks every
+        MARK_INTERVAL (bounds the duplicates a power cut can cause), checkpoint sealed segments
+        about once a second."""
+        book = self.store.book
+        ticks = 0
         while not self.stop_event.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), timeout=1.0)
+                await asyncio.wait_for(self.stop_event.wait(), timeout=MARK_INTERVAL)
+            ticks += 1
             try:
-                await asyncio.to_thread(self.store.book.checkpoint_due)
+                await asyncio.to_thread(book.flush_marks)
+                if ticks % round(1 / MARK_INTERVAL) == 0:
+                    await asyncio.to_thread(book.checkpoint_due)
             except OSError as exc:  # the segments stay, and so does every message: retried next time
                 _log.error("spool: journal checkpoint failed: %s", exc)
 
     async def stop(self) -> None:
         log.event("stopping", queued=self.scheduler.queued)
         self.stop_event.set()
-        if self.child_pid is not None:
+        if self.child_pids:
             from mta.submission.process import stop_child
 
-            await stop_child(self.child_pid)
-            if self.child_task is not None:
-                await asyncio.gather(self.child_task, return_exceptions=True)
+            await asyncio.gather(*(stop_child(pid) for pid in self.child_pids))
+            await asyncio.gather(*self.child_tasks, return_exceptions=True)
         if self.listeners is not None:
             await self.listeners.stop()
         await self.scheduler.drain(DRAIN_TIMEOUT)
@@ -328,8 +340,8 @@ class Relay:
         self.store.unlock()
 
 
-async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, int] | None = None,
-                resumed: list[tuple[str, float | None]] | None = None, resume_seconds: float = 0.0) -> int:
+async def serve(cfg: Config, store: SpoolStore | None = None, child: list[tuple[int, int]] | None = None,
+                prepared: bool = False) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until the submission child dies (exit 1)."""
     loop = asyncio.get_running_loop()
     runtime.use_io_threads(loop)
@@ -347,7 +359,7 @@ async def serve(cfg: Config, store: SpoolStore | None = None, child: tuple[int, 
         loop.add_signal_handler(sig, stop.set)
     if runtime.early_stop_requested():  # a SIGTERM before this loop existed (runtime.catch_early_stop)
         stop.set()
-    await relay.start(child, resumed, resume_seconds)
+    await relay.start(child, prepared)
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(relay.child_gone.wait())]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:

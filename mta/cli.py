@@ -13,7 +13,6 @@ import getpass
 import json
 import os
 import sys
-import time
 
 from mta import config as config_mod
 from mta import log, runtime
@@ -80,33 +79,28 @@ def cmd_queue_op(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     runtime.catch_early_stop()  # first: a stop request during start-up is honoured, not lost (CTR-4)
     from mta import preflight
-    from mta.app import resume, serve
+    from mta.app import serve
 
     preflight.check(cfg)  # the same checks as check-config, before anything starts (issue 10 item 9)
     for warning in preflight.warnings(cfg):
         log.event("config-warning", reason=warning)
 
     store: SpoolStore | None = None
-    child: tuple[int, int] | None = None
-    resumed: list[tuple[str, float | None]] | None = None
-    resume_seconds = 0.0
+    child: list[tuple[int, int]] | None = None
     if cfg.submission.separate_process:
-        # Lock, recover the spool, THEN fork the listener child (recovery deletes half-written
-        # files, which must never be the child's), all before any event loop or thread exists.
-        from mta.submission.process import spawn
+        # Lock, make the spool safe to write to, THEN fork the listener children (that step deletes
+        # half-written files, which must never be the child's), all before any event loop or
+        # thread exists. Reading the queued messages happens after, in the background (PERF-4).
+        from mta.spool.recovery import before_listening
+        from mta.submission.process import spawn_all
 
         store = SpoolStore(cfg.queue.path)
         store.prepare()
         store.lock()
         assert store._lock_fd is not None
-        t0 = time.monotonic()
-        # Exclusive writers' lock during recovery: a child of a killed server or a `sendmail`
-        # caught mid-write finishes first, and new ones wait until the scan is done.
-        with store.writers_excluded():
-            resumed = resume(store)
-        resume_seconds = time.monotonic() - t0
-        child = spawn(cfg, close_fds=(store._lock_fd,))
-    return runtime.run(serve(cfg, store, child, resumed, resume_seconds))
+        before_listening(store)
+        child = spawn_all(cfg, store._lock_fd)  # [submission] processes children (PERF-5)
+    return runtime.run(serve(cfg, store, child, prepared=store is not None))
 
 
 def cmd_check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:

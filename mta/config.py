@@ -32,6 +32,9 @@ def _meta(kind: str) -> dict[str, str]:
     return {"kind": kind}
 
 
+MAX_SUBMISSION_PROCESSES = 256  # a bound against typos (each process holds its own memory and sockets)
+
+
 @dataclass(frozen=True)
 class SubmissionConfig:
     listen: tuple[str, ...] = ("127.0.0.1:2525",)
@@ -50,6 +53,9 @@ class SubmissionConfig:
     allow_insecure_auth: bool = False
     auth_failure_delay: float = field(default=2.0, metadata=_meta("duration"))
     separate_process: bool = True
+    # Submission processes sharing the listen ports through SO_REUSEPORT (PERF-5); more than one
+    # needs separate_process. 1 by default: see the README's "Performance" for what a second buys.
+    processes: int = 1
 
     @property
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -310,6 +316,10 @@ def _validate(cfg: Config) -> None:
         _fail(src, "submission.stress_idle_timeout", "must be more than 0s")
     if sub.max_message_size < 1024:
         _fail(src, "submission.max_message_size", "must be at least 1KB")
+    if not 1 <= sub.processes <= MAX_SUBMISSION_PROCESSES:
+        _fail(src, "submission.processes", f"must be 1 to {MAX_SUBMISSION_PROCESSES}, got {sub.processes}")
+    if sub.processes > 1 and not sub.separate_process:
+        _fail(src, "submission.processes", "more than 1 needs separate_process = true")
     for key, port in (("delivery.smtp_port", cfg.delivery.smtp_port), ("dns.port", cfg.dns.port),
                       ("mta_sts.https_port", cfg.mta_sts.https_port)):
         if not 0 < port < 65536:

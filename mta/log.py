@@ -1,6 +1,7 @@
 """One line per event, greppable like a Postfix maillog, or JSON objects with a fixed field set.
 
 Events: accepted, refused, deferred, delivered, bounced, policy, expired, held, deleted, started,
+resume (the background read of the spool at start-up: state running/finished, counts, seconds),
 stopping. JSON lines always carry: event, queue_id, recipient, domain, mx, tls, sts_mode, reason
 (null when not applicable) plus whatever else the event has. Secrets are never passed here.
 """

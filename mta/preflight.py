@@ -39,6 +39,8 @@ def check(cfg: Config) -> None:
                                                d.relayhost_password_file).strip():
         _fail(cfg, "delivery.relayhost_password_file", "the file is empty")
     sub = cfg.submission
+    if sub.processes > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        _fail(cfg, "submission.processes", "more than 1 needs SO_REUSEPORT, which this system lacks")
     if sub.users_file:
         try:
             load_users(sub.users_file)

@@ -287,9 +287,9 @@ def _without_sts(ctx: AttemptContext) -> AttemptContext:
 
 
 async def _open(ctx: AttemptContext, host: str, address: str, port: int, mode: TlsMode,
-                sni: str | None) -> tuple[SmtpSession, bool]:
+                sni: str | None, pooled: bool = True) -> tuple[SmtpSession, bool]:
     """A pooled session for this destination, TLS mode and SNI, else a new one; and whether it is new."""
-    session = await ctx.pool.get((host, address, port, (mode, sni)))
+    session = await ctx.pool.get((host, address, port, (mode, sni))) if pooled else None
     if session is not None:
         return session, False
     session = await SmtpSession.open(address=address, port=port, mx_host=host, helo_name=ctx.hostname,
@@ -321,8 +321,10 @@ def _judged(ctx: AttemptContext, verdict: HostVerdict, session: SmtpSession) -> 
 
 async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, port: int,
                        rcpts: Sequence[str], sender: str, data: bytes, att: _Attempt,
-                       eight_bit: bool, smtputf8: bool) -> dict[str, Outcome] | str | None:
-    """Outcomes when this address settled the recipients; "next-host" or None to go on."""
+                       eight_bit: bool, smtputf8: bool, pooled: bool = True) -> dict[str, Outcome] | str | None:
+    """Outcomes when this address settled the recipients; "next-host" or None to go on.
+
+    `pooled=False`: a new connection, never one from the pool."""
     host = verdict.host
     relay = f"{host}[{address}]:{port}"
     mode = TlsMode(verdict.tls)
@@ -334,7 +336,7 @@ async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, 
         att.any_transient = True
         return None
     try:
-        session, new = await _open(ctx, host, address, port, mode, verdict.sni)
+        session, new = await _open(ctx, host, address, port, mode, verdict.sni, pooled)
     except TlsRequiredError as exc:
         att.policy_errors.append(f"{relay}: {exc.reply.text}")
         att.dane_failed = att.dane_failed or verdict.governed_by == DANE  # DANE-2: never plaintext
@@ -365,6 +367,11 @@ async def _try_address(ctx: AttemptContext, verdict: HostVerdict, address: str, 
         result = await session.send(sender, list(rcpts), data, eight_bit=eight_bit, smtputf8=smtputf8)
     except TransientDeliveryError as exc:
         await ctx.pool.discard(session)
+        if not new and session.lost_at_mail:
+            # A pooled connection the server closed as we took it (pool rule): nothing of this
+            # message was sent, so it goes out on a new connection, not to a retry minutes later.
+            return await _try_address(ctx, verdict, address, port, rcpts, sender, data, att, eight_bit, smtputf8,
+                                      pooled=False)
         att.errors.append(f"{relay}: {exc.reply}")
         att.any_transient = True
         return None

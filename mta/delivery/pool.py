@@ -1,7 +1,12 @@
-"""Idle SMTP connections kept for reuse (RSET) while fresh.
+"""Idle SMTP connections kept for reuse while fresh.
 
 A session is reused only for the same destination (MX host, address, port) AND the same TLS
 requirement, so a connection opened opportunistically can never serve an enforce delivery.
+A session whose last transaction ended cleanly (reply to the end of data, refused MAIL) goes
+straight to the next MAIL, as Postfix's cached sessions do; any other gets an RSET first. A
+connection the server closed while it sat here is seen as closed and dropped; one it closes at the
+very moment we reuse it fails at MAIL with nothing sent, and the caller takes a new connection
+(mta.delivery.attempt).
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ class ConnectionPool:
         self.reused = 0
 
     async def get(self, key: Key) -> SmtpSession | None:
-        """A fresh idle session for `key` that answered RSET, or None."""
+        """A fresh idle session for `key` with no transaction open (RSET where needed), or None."""
         sessions = self._idle.get(key)
         while sessions:
             session = sessions.pop()
             if self.clock() - session.last_used > self.max_idle_time:
                 await self.discard(session)
                 continue
+            if session.idle and session.usable:
+                self.reused += 1
+                return session
             if await session.reset():
                 self.reused += 1
                 return session

@@ -95,6 +95,12 @@ class SmtpSession:
         self.local_address = local_address(smtp)  # RFC 8460 sending-mta-ip (issue 10 item 11)
         self.last_used = time.monotonic()
         self._usable = True
+        # No transaction open on the connection (just greeted, or the last one ended with its
+        # reply to the end of data, a refused MAIL, or RSET): the next MAIL needs no RSET first.
+        self.idle = True
+        # MAIL FROM found the connection closed (nothing was sent for the message): on a reused
+        # connection this is the server having let go while it sat in the pool.
+        self.lost_at_mail = False
 
     # --- opening ------------------------------------------------------------------------------
     @classmethod
@@ -162,6 +168,7 @@ class SmtpSession:
             options.append("SMTPUTF8")  # RFC 6531
         encoding = "utf-8" if smtputf8 else "ascii"
         t = self.timeouts
+        self.idle = False
         try:
             resp = await self._smtp.mail(mail_from, options=options, encoding=encoding, timeout=t.mail)
         except SMTPResponseException as exc:
@@ -169,15 +176,18 @@ class SmtpSession:
                 self._broken()
                 raise TransientDeliveryError(protocol_error(self.relay, "MAIL FROM", exc.code, exc.message)) from exc
             reply = remote_reply(exc.code, exc.message)
+            self.idle = True  # a refused MAIL opens no transaction (RFC 5321 §4.1.1.2)
             if reply.permanent:  # SMTP-23: 5yz to MAIL is final for every recipient (never cached, SMTP-24)
                 return TransactionResult({r: reply for r in rcpts}, reply)
             raise TransientDeliveryError(reply) from exc  # SMTP-23: 4yz to MAIL -> next host
         except ValueError as exc:  # includes UnicodeEncodeError: nothing was sent
+            self.idle = True
             reply = SmtpReply(553, f"sender {mail_from!r} cannot be sent: {exc}",
                               "5.6.7" if isinstance(exc, UnicodeError) else "5.1.7")
             return TransactionResult({r: reply for r in rcpts}, reply)
         except (*CONNECTION_ERRORS, SMTPException) as exc:
             self._broken()
+            self.lost_at_mail = isinstance(exc, SMTPServerDisconnected | ConnectionError)
             raise TransientDeliveryError(self._failure(exc, "MAIL FROM")) from exc
         mail_reply = remote_reply(resp.code, resp.message)
         replies: dict[str, SmtpReply] = {}
@@ -255,6 +265,7 @@ class SmtpSession:
                 await asyncio.wait_for(protocol._drain_helper(), t.data_block)
         # No await between the last write and this read, so the reply cannot slip past the reader.
         resp = await protocol.read_response(timeout=t.data_final)
+        self.idle = True  # the reply to the end of data, whatever it says, ends the transaction (§4.1.1.4)
         if 200 <= resp.code <= 299:
             return remote_reply(resp.code, resp.message)
         return self._refusal_or_error(resp.code, resp.message, "the end of data")
@@ -277,6 +288,7 @@ class SmtpSession:
             self._broken()
             return False
         self.last_used = time.monotonic()
+        self.idle = True
         return True
 
     async def close(self) -> None:

@@ -13,7 +13,7 @@ from mta import metrics
 from mta.config import parse_hostport
 from mta.http.health import listener_problem, spool_problem
 from mta.http.server import Ops, Problems
-from mta.spool.store import SUBMISSION_RESERVE, id_created
+from mta.spool.store import SUBMISSION_RESERVE
 
 
 async def readiness(relay: Any) -> Problems:
@@ -39,8 +39,7 @@ async def readiness(relay: Any) -> Problems:
 
 def read_state(relay: Any) -> tuple[dict[str, int], float, int]:
     """Queue gauges from the scheduler's tables, and the number of cached MTA-STS policies."""
-    due, inflight, held = relay.scheduler.snapshot()
-    states, oldest = metrics.queue_gauges(due, inflight, held, time.time(), id_created)
+    states, oldest = relay.scheduler.queue_state(time.time(), metrics.queue_gauges)
     cache = getattr(relay.sts, "cache", None)
     cached = cache.size() if cache is not None and hasattr(cache, "size") else 0
     return states, oldest, cached

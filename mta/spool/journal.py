@@ -314,6 +314,9 @@ class JournalBook:
         self._segment_of: dict[str, str] = {}
         self._members: dict[str, set[str]] = {}
         self._retired: dict[str, None] = {}  # recent checkpointed segments (bounded): late notes ignored
+        self._marks: dict[str, int] = {}  # open .done files, by segment
+        self._dirty: set[str] = set()
+        self._new_marks = False  # a .done file created since journal/ was last flushed
 
     def note(self, qid: str, segment: str) -> None:
         """A message acknowledged out of `segment` (a line from the submission child)."""
@@ -332,9 +335,33 @@ class JournalBook:
             if segment is None:
                 return
             self._members.get(segment, set()).discard(qid)
-        # Without a flush: a mark lost to a power cut means at most a second delivery.
-        with contextlib.suppress(OSError), open(self.folder / f"{segment}.done", "ab") as f:
-            f.write(f"{qid}\n".encode())
+            # Flushed by flush_marks a moment later, not now: a mark lost to a power cut means at
+            # most a second delivery of a message finished in that moment.
+            with contextlib.suppress(OSError):
+                fd = self._marks.get(segment)
+                if fd is None:
+                    fd = self._marks[segment] = os.open(self.folder / f"{segment}.done",
+                                                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                    self._new_marks = True
+                os.write(fd, f"{qid}\n".encode())
+                self._dirty.add(segment)
+
+    def flush_marks(self) -> int:
+        """fdatasync the .done files written since the last call (the owner calls this a few times a
+        second: one flush per interval however many messages finished in it). Returns how many."""
+        with self._lock:
+            dirty = [self._marks[s] for s in self._dirty if s in self._marks]
+            self._dirty.clear()
+            new, self._new_marks = self._new_marks, False
+            # Under the lock: a checkpoint closing one of these fds must wait until we are done.
+            if not self._skip_file:
+                for fd in dirty:
+                    with contextlib.suppress(OSError):
+                        os.fdatasync(fd)
+            if new and not self._skip_dir:
+                with contextlib.suppress(OSError):
+                    self._fsync_dir(self.folder)
+        return len(dirty)
 
     def tracked(self) -> int:
         with self._lock:
@@ -388,11 +415,14 @@ class JournalBook:
         if not self._skip_dir:
             # A segment whose removal is lost would replay as if its finished mail were new.
             self._fsync_dir(self.folder)
-        for name in names:
-            with contextlib.suppress(FileNotFoundError):
-                (self.folder / f"{name}.done").unlink()
         with self._lock:
             for name in names:
+                fd = self._marks.pop(name, None)
+                if fd is not None:
+                    os.close(fd)
+                self._dirty.discard(name)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.folder / f"{name}.done").unlink()
                 self._retired[name] = None
                 for qid in self._members.pop(name, set()):
                     self._segment_of.pop(qid, None)

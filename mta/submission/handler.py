@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import functools
+import inspect
 import ipaddress
 import re
 import time
@@ -81,6 +83,18 @@ def valid_address(address: str) -> bool:
     return bool(_DOMAIN.match(domain)) and ".." not in domain
 
 
+def hook_names(obj: object, prefixes: tuple[str, ...]) -> list[str]:
+    """The attribute names of `obj` that start with one of `prefixes` (see RelaySMTP.__dir__):
+    its class's (listed once per class) and its own."""
+    own = [name for name in vars(obj) if name.startswith(prefixes)]
+    return _class_hook_names(type(obj), prefixes) + own if own else _class_hook_names(type(obj), prefixes)
+
+
+@functools.cache
+def _class_hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    return [name for name in dir(cls) if name.startswith(prefixes)]
+
+
 _DUMMY: list[str] = []
 
 
@@ -113,6 +127,11 @@ class SubmissionHandler:
         self.acceptor = Acceptor(store, hostname, cfg.max_message_size, signer)
         self.users = users or {}
         self.networks = cfg.networks
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd looks for handle_*/auth_* with dir() on every connection: list only those
+        # (RelaySMTP.__dir__ says why).
+        return hook_names(self, ("handle_", "auth_"))
 
     def may_relay(self, session: Session) -> bool:
         if session.authenticated:
@@ -224,6 +243,11 @@ class SubmissionHandler:
             return AuthResult(success=False, handled=False)
         log.event("authenticated", client=peer, user=log_safe(user, 64))
         return AuthResult(success=True, auth_data=user)
+
+
+# aiosmtpd checks the EHLO hook's signature (4 or 5 arguments) on every new connection; inspect
+# takes a function's own __signature__ when it has one, so that work is done once here.
+SubmissionHandler.handle_EHLO.__signature__ = inspect.signature(SubmissionHandler.handle_EHLO)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

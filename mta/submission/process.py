@@ -8,6 +8,10 @@ is found by the start-up scan, so nothing acknowledged is lost.
 
 The child dies with the parent (PR_SET_PDEATHSIG, and a getppid() check as a fallback): a
 SIGKILLed `mta serve` never leaves a listener behind that a restarted one would fight with.
+
+`[submission] processes = N` forks N such children on one set of ports (PERF-5, see
+mta.submission.sockets); each has its own pipe, the parent follows them all, and the death of any
+one stops the relay (exit 1) just as with one.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -28,13 +34,19 @@ from mta.config import Config
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.listener import build_listeners
+from mta.submission.sockets import bind_shared
 
 READY = "READY"
 _PR_SET_PDEATHSIG = 1
 
 
-def spawn(cfg: Config, close_fds: tuple[int, ...] = ()) -> tuple[int, int]:
-    """Fork the submission child; returns (pid, read end of its notification pipe)."""
+def spawn(cfg: Config, close_fds: tuple[int, ...] = (), socks: list[socket.socket] | None = None,
+          close_socks: tuple[socket.socket, ...] = ()) -> tuple[int, int]:
+    """Fork one submission child; returns (pid, read end of its notification pipe). `socks`: its
+    already bound listening sockets (several processes, mta.submission.sockets); `close_fds` and
+    `close_socks`: what the parent holds that the child must not (the spool lock, the other
+    children's pipes and sockets: a socket kept open by a child that never accepts on it would
+    take its share of new connections and never answer them)."""
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -45,9 +57,11 @@ def spawn(cfg: Config, close_fds: tuple[int, ...] = ()) -> tuple[int, int]:
             os.close(read_fd)
             for fd in close_fds:
                 os.close(fd)  # e.g. the spool lock: the parent alone holds it
+            for sock in close_socks:
+                sock.close()
             _die_with(parent)
             SpoolStore(cfg.queue.path).hold_writer_lock()  # released only by our exit
-            code = runtime.run(_child(cfg, write_fd, parent))
+            code = runtime.run(_child(cfg, write_fd, parent, socks))
         except BaseException:
             traceback.print_exc()
         finally:
@@ -57,6 +71,32 @@ def spawn(cfg: Config, close_fds: tuple[int, ...] = ()) -> tuple[int, int]:
     return pid, read_fd
 
 
+def spawn_all(cfg: Config, lock_fd: int) -> list[tuple[int, int]]:
+    """Fork `[submission] processes` children; [(pid, pipe)]. With more than one they share each
+    listen address through SO_REUSEPORT sockets bound here, before any fork (PERF-5)."""
+    count = cfg.submission.processes
+    if count == 1:
+        return [spawn(cfg, close_fds=(lock_fd,))]
+    per_child = bind_shared(cfg.submission, count)
+    share = dataclasses.replace(cfg, submission=dataclasses.replace(
+        cfg.submission,
+        # The caps bound the whole relay: each process takes an equal share (the kernel spreads
+        # connections evenly, so together they admit about the configured number).
+        max_connections=-(-cfg.submission.max_connections // count),
+        max_connections_per_client=-(-cfg.submission.max_connections_per_client // count)))
+    children: list[tuple[int, int]] = []
+    try:
+        for i, socks in enumerate(per_child):
+            others = tuple(s for j, group in enumerate(per_child) if j != i for s in group)
+            children.append(spawn(share, close_fds=(lock_fd, *(fd for _, fd in children)), socks=socks,
+                                  close_socks=others))
+    finally:
+        for group in per_child:  # the children have their own copies
+            for sock in group:
+                sock.close()
+    return children
+
+
 def _die_with(parent: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -64,7 +104,7 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-async def _child(cfg: Config, write_fd: int, parent: int) -> int:
+async def _child(cfg: Config, write_fd: int, parent: int, socks: list[socket.socket] | None = None) -> int:
     loop = asyncio.get_running_loop()
     runtime.use_io_threads(loop)
     transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0))
@@ -87,7 +127,7 @@ async def _child(cfg: Config, write_fd: int, parent: int) -> int:
     listeners = build_listeners(cfg, store, accepted)
     for attempt in range(50):
         try:
-            await listeners.start()
+            await listeners.start(socks)
             break
         except OSError as exc:
             # A previous child may still be letting go of the port for a moment after a crash.
