@@ -177,7 +177,7 @@ class Relay:
         # Before any listener or ctl/ request can schedule a message: from here on the scheduler
         # tells the scan's reports from the live side's (mta.scheduler, module rule).
         self.scheduler.begin_scan()
-        self.resume = Resume(self.store, self.scheduler)
+        resume = self.resume = Resume(self.store, self.scheduler)
         self._background.append(asyncio.get_running_loop().create_task(self._resume()))
         loop = asyncio.get_running_loop()
         if child is None:
@@ -207,9 +207,8 @@ class Relay:
         # "started" carries the whole queue when the scan is quick (small spools); otherwise it says
         # the scan is still running and a "resume" event reports its end.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.resume.done.wait(), STARTED_GRACE)
-        seconds = self.resume.seconds
-        assert self.resume is not None
+            await asyncio.wait_for(resume.done.wait(), STARTED_GRACE)
+        seconds = resume.seconds
         log.event("started", listen=listen, queued=self.scheduler.queued,
                   resume="finished" if seconds is not None else "running",
                   resume_seconds=None if seconds is None else round(seconds, 2),

@@ -22,6 +22,9 @@ and treats them as normal messages (the scheduler keeps it from scheduling any t
 deletes a lone <id>.json or <id>.eml only after checking again, right before, that its partner is
 still missing: a message being removed by a delivery is such a pair for a moment, and nothing
 writes a partner after the fact. A file that vanishes mid-read was delivered meanwhile: skipped.
+A torn <id>.msg the scan meets is therefore always one from before this start (a file renamed
+into place but cut short by a power cut on a disk that lied about its flush, or with the
+MTA_UNSAFE_SKIP_FSYNC test hook): never acknowledged unless the disk lied, quarantined as before.
 """
 
 from __future__ import annotations
