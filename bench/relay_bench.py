@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,34 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[list
     return rows, notes
 
 
+# Issue 18's per-leg targets: (metric key, wanted, ratio mta/Postfix unless "own", label).
+TARGETS = [
+    ("e2e_rate", 1.1, ">=", "end to end >= 1.1x Postfix"),
+    ("submit_rate", 1.0, ">=", "durable submission >= 1.0x Postfix"),
+    ("p50_ms", 1.0, "<=", "submission p50 <= Postfix's"),
+    ("flushes_per_msg", 1.0, "own<=", "mta disk flushes per message <= 1.0"),
+]
+
+
+def target_rows(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[list[str]]:
+    """One PASS/FAIL row per leg and target of issue 18, from the medians of the same runs."""
+    rows: list[list[str]] = []
+    for case, by_kind in results.items():
+        mta_runs, pf_runs = by_kind.get("mta", []), by_kind.get("postfix", [])
+        for key, wanted, how, label in TARGETS:
+            if how == "own<=":
+                value = runner.median_or_none([r[key] for r in mta_runs if key in r])
+            else:
+                value = runner.median_or_none([a[key] / b[key] for a, b in zip(mta_runs, pf_runs, strict=False)
+                                               if key in a and key in b and b[key]])
+            if value is None:
+                verdict = "n/a"
+            else:
+                verdict = "PASS" if (value >= wanted if how == ">=" else value <= wanted) else "FAIL"
+            rows.append([f"target: {case}", label, fmt("{:.2f}", value), "", verdict])
+    return rows
+
+
 def table(rows: list[list[str]]) -> str:
     head = ["case", "metric", "mta", "postfix", "ratio mta/postfix"]
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(5)]
@@ -178,6 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "as relays mta-p1, mta-p2 (default 1)")
     ap.add_argument("--profile", default="", help="run mta under cProfile; .prof files go to this folder")
     ap.add_argument("--results", default=str(BENCH / "results-latest.md"))
+    ap.add_argument("--mta-set", action="append", default=[], metavar="SECTION.KEY=TOML",
+                    help="set an mta config key on every mta run, e.g. queue.group_commit=false (repeatable)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.runs = 2000, 1
@@ -192,6 +223,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def mta_settings(items: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings (value in TOML syntax) as a nested dict of config overrides."""
+    out: dict[str, Any] = {}
+    for item in items:
+        path, _, value = item.partition("=")
+        *sections, key = path.strip().split(".")
+        node = out
+        for name in sections:
+            node = node.setdefault(name, {})
+        node[key] = tomllib.loads(f"v = {value}")["v"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = postfix.available()
@@ -204,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     if args.profile:
         runner.MtaRelay.profile_dir = Path(args.profile).resolve()
+    runner.MtaRelay.extra = mta_settings(args.mta_set)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mta-bench-", dir="/var/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.max_minutes * 60
@@ -262,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     rows, notes = summarise(results)
     notes += scale_notes
-    body = table(rows + scale_rows)
+    body = table(rows + target_rows(results) + scale_rows)
     if stopped_early:
         notes.insert(0, stopped_early)
     text = body + ("\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes) if notes else "")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import diskflush
 import procstat
@@ -101,12 +101,14 @@ class MtaRelay:
 
     #: When set, `mta serve` runs under cProfile and writes <profile_dir>/<run folder>.prof on exit.
     profile_dir: Path | None = None
+    #: Config keys set on every mta run (relay_bench --mta-set), e.g. {"queue": {"group_commit": False}}.
+    extra: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, run_dir: Path, world: World, case: Case, overrides: dict[str, Any] | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         self.port = free_port_on("127.0.0.1")
-        self.data = deep_merge(mta_config(run_dir, self.port, world, case), overrides or {})
+        self.data = deep_merge(deep_merge(mta_config(run_dir, self.port, world, case), self.extra), overrides or {})
         self.proc = RelayProcess(write_config(run_dir, self.data), self.data)
 
     def start(self) -> int:
@@ -205,7 +207,7 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
     relay = MtaRelay(run_dir, world, case, mta_overrides) if kind == "mta" else PostfixHandle(run_dir, world, case)
     sink = world.sink(case.tls_sink)
     rcpt = f"rcpt@{case.domain}"
-    extra: dict[str, Any] = {}
+    extra: ClassVar[dict[str, Any]] = {}
     try:
         t_start = time.monotonic()
         root = relay.start()

@@ -95,6 +95,9 @@ def build_timeouts(cfg: Config) -> Timeouts:
                     data_block=d.data_timeout, data_final=d.data_timeout)
 
 
+MARK_INTERVAL = 0.1  # seconds between flushes of the journal's finished-message marks
+
+
 class Relay:
     """One running relay: listeners + spool + scheduler + workers."""
 
@@ -186,6 +189,8 @@ class Relay:
         self.scheduler_task = loop.create_task(self.scheduler.run(self.stop_event))
         self._background.append(self.scheduler_task)
         self._background.append(loop.create_task(self._sweep_pool()))
+        if child is not None and self.cfg.queue.group_commit:
+            self._background.append(loop.create_task(self._checkpoints()))
         if self.sts is not None and hasattr(self.sts, "refresh_loop"):
             self._background.append(loop.create_task(self.sts.refresh_loop(
                 self.stop_event, interval=self.cfg.mta_sts.refresh_interval)))
@@ -252,7 +257,10 @@ class Relay:
         self.child_pid = children[0][0]
         self.child_pids = [pid for pid, _ in children]
 
-        def on_id(qid: str) -> None:
+        def on_id(line: str) -> None:
+            qid, _, segment = line.partition(" ")
+            if segment:
+                self.store.book.note(qid, segment)  # before scheduling: a fast delivery marks it done
             self.scheduler.add_new(qid, time.time())
 
         async def follow(pid: int, fd: int, ready: asyncio.Future[str]) -> None:
@@ -281,6 +289,23 @@ class Relay:
                 await asyncio.wait_for(self.stop_event.wait(), timeout=max(1.0, self.pool.max_idle_time))
             await self.pool.sweep()
 
+    async def _checkpoints(self) -> None:
+        """The journal's upkeep (mta/spool/journal.py): flush the finished-message marks every
+        MARK_INTERVAL (bounds the duplicates a power cut can cause), checkpoint sealed segments
+        about once a second."""
+        book = self.store.book
+        ticks = 0
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=MARK_INTERVAL)
+            ticks += 1
+            try:
+                await asyncio.to_thread(book.flush_marks)
+                if ticks % round(1 / MARK_INTERVAL) == 0:
+                    await asyncio.to_thread(book.checkpoint_due)
+            except OSError as exc:  # the segments stay, and so does every message: retried next time
+                _log.error("spool: journal checkpoint failed: %s", exc)
+
     async def stop(self) -> None:
         log.event("stopping", queued=self.scheduler.queued)
         self.stop_event.set()
@@ -292,6 +317,10 @@ class Relay:
         if self.listeners is not None:
             await self.listeners.stop()
         await self.scheduler.drain(DRAIN_TIMEOUT)
+        if self.child_pid is not None:
+            # The child is gone: every segment is final. Leave none behind for the next start.
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.store.book.checkpoint_all)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

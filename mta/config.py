@@ -65,6 +65,9 @@ class SubmissionConfig:
 @dataclass(frozen=True)
 class QueueConfig:
     path: str = field(default="queue", metadata=_meta("path"))
+    # Issue 18: submissions share one journal flush per batch (mta/spool/journal.py); false = one
+    # file flush plus a share of a folder flush per message (the pre-journal path, kept as a fallback).
+    group_commit: bool = True
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ def apply_offline(store: SpoolStore, op: str, qid: str | None) -> int:
     """Apply a request directly (no server running). Returns the number of messages changed."""
     if op == "new":
         return 0
+    # A crashed server's journal first: replayed later, it would undo a delete made now (PWR-4).
+    store.replay_journal()
     ids = [qid] if qid else store.ids()
     if qid and not store.exists(qid):
         raise SpoolError(f"no such message {qid}")

@@ -16,8 +16,9 @@ An envelope that does not parse, or a <id>.msg shorter than its length line says
 power cut), sends every file of the message to corrupt/ for the operator; never deleted silently.
 
 Why the scan is safe beside running listeners, `sendmail` and deliveries: new files appear in msg/
-only by an atomic rename of a complete, flushed file, so the scan may meet them and treats them as
-normal messages (the scheduler keeps it from scheduling any twice, mta.scheduler). The scan
+only by an atomic rename of a complete file (flushed, or backed by the journal until a checkpoint
+flushes it; torn ones were restored by the replay before listening), so the scan may meet them
+and treats them as normal messages (the scheduler keeps it from scheduling any twice, mta.scheduler). The scan
 deletes a lone <id>.json or <id>.eml only after checking again, right before, that its partner is
 still missing: a message being removed by a delivery is such a pair for a moment, and nothing
 writes a partner after the fact. A file that vanishes mid-read was delivered meanwhile: skipped.
@@ -62,11 +63,13 @@ def before_listening(store: SpoolStore) -> None:
 
     Runs with the spool lock held; takes the writers' lock exclusively, so a submission child of a
     killed server or a `sendmail` caught mid-write finishes first and new ones wait until this is
-    done. The journal replay (issue 18, spool journal) belongs here too: quick and before mail."""
+    done. Then the journal replay (PWR-4, journal.py): it restores message files a crash left
+    missing or torn before the scan can meet them, and only touches segments no writer holds."""
     with store.writers_excluded():
         for entry in os.scandir(store.tmp):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
+        store.replay_journal()
 
 
 def scan(store: SpoolStore) -> Iterator[tuple[str, str, str]]:

@@ -15,11 +15,12 @@ Layout under `[queue] path`:
     lock            flock()ed by the one `mta serve` that owns the spool
 
 Failure model (what a crash or power cut at any moment leaves, cf. maddy's queue and Postfix):
-- `put`: envelope and data are written to ONE file in tmp/, fsync'ed, renamed into msg/, then
-  msg/ is fsync'ed (group commit). Only after that directory fsync does the caller answer 250:
-  one file flush plus a share of one directory flush per message (issue 18; two files cost two
-  file flushes). A crash before it leaves at most debris in tmp/ or a complete, unacknowledged
-  message in msg/ (delivered: at least once).
+- `put` from a submission child (group commit, journal.py): tmp file without a flush, a record in
+  the child's journal segment, one fdatasync shared by every put of the batch, rename into msg/,
+  then the 250. Until a checkpoint has flushed the message file, the journal is its durable copy.
+- `put` anywhere else (sendmail, DSNs): one file in tmp/, fsync'ed, renamed into msg/, then msg/
+  fsync'ed, coalesced across concurrent writers (GroupSync). A crash before the 250 leaves debris
+  in tmp/ or a complete, unacknowledged message (delivered: at least once).
 - `update`: the new state is written to tmp/, fsync'ed and renamed over <id>.json, so a reader
   sees the old or the new state, never a torn file. A lost update (power cut before the
   directory flush) only repeats an attempt whose outcome was lost: at least once, never lost.
@@ -34,8 +35,7 @@ Failure model (what a crash or power cut at any moment leaves, cf. maddy's queue
   what fills the disk (cf. Postfix's queue_minfree).
 
 All blocking calls run in worker threads (asyncio.to_thread) so the event loop never waits on
-the disk. Directory fsyncs of concurrent writers are coalesced (group commit): one fsync covers
-every rename made before it started, and no caller returns before a covering fsync finished.
+the disk.
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ import fcntl
 import json
 import logging
 import os
-import secrets
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from mta.errors import CorruptEntry, SpoolError
-from mta.spool.state import MessageMeta, Recipient
+from mta.spool.ids import id_created, make_meta, new_id  # noqa: F401 (re-exported: the spool's API)
+from mta.spool.journal import GroupSync, JournalBook, JournalWriter
+from mta.spool.state import MessageMeta
 
 log = logging.getLogger("mta.spool")
 
@@ -70,70 +70,6 @@ _MAIL_MAGIC = b"MTA-SPOOL-1"
 _UNSAFE_SKIP_FSYNC = frozenset(os.environ.get("MTA_UNSAFE_SKIP_FSYNC", "").split(",")) - {""}
 
 
-def new_id(now: float) -> str:
-    """Sortable, unique queue id: milliseconds since the epoch plus 40 random bits, hex."""
-    return f"{int(now * 1000):011X}{secrets.token_hex(5).upper()}"
-
-
-def id_created(qid: str) -> float:
-    """The arrival time a queue id starts with (see new_id); 0.0 for anything else."""
-    try:
-        return int(qid[:11], 16) / 1000
-    except ValueError:
-        return 0.0
-
-
-class _GroupSync:
-    """Coalesces fsync() calls on one directory across concurrent writer threads (group commit).
-
-    Called in the writer's own thread right after its renames: if an fsync is already running it
-    may have started before those renames, so the caller waits for the NEXT one, which one of the
-    waiting threads starts and which covers every rename made before it began.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._cv = threading.Condition()
-        self._requested = 0
-        self._completed = 0
-        self._running = False
-        self._error: OSError | None = None
-
-    def _fsync(self) -> None:
-        if "dir" in _UNSAFE_SKIP_FSYNC:
-            return
-        fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def sync(self) -> None:
-        """Return once an fsync that started after this call has finished; raise its OSError."""
-        with self._cv:
-            self._requested += 1
-            target = self._requested
-            while self._completed < target:
-                if self._running:
-                    self._cv.wait()
-                    continue
-                self._running = True
-                covers = self._requested
-                error: OSError | None = None
-                self._cv.release()
-                try:
-                    self._fsync()
-                except OSError as exc:
-                    error = exc
-                finally:
-                    self._cv.acquire()
-                    self._running = False
-                    self._cv.notify_all()
-                if error is not None:
-                    raise error
-                self._completed = max(self._completed, covers)
-
-
 class SpoolStore:
     """Owns the spool folder: put, load, update and remove messages durably."""
 
@@ -143,8 +79,23 @@ class SpoolStore:
         self.tmp = self.root / "tmp"
         self.corrupt = self.root / "corrupt"
         self.ctl = self.root / "ctl"
+        self.journal_dir = self.root / "journal"
         self._lock_fd: int | None = None
-        self._dirsync = _GroupSync(self.msg)
+        self._dirsync = GroupSync(self._flush_msg_dir)
+        # Group commit (journal.py): the submission child opens a writer; the owner keeps the book.
+        self.journal: JournalWriter | None = None
+        self.segment_of: dict[str, str] = {}
+        self.book = JournalBook(self.journal_dir, self.mail_path, self.msg, fsync_dir,
+                                skip_dir="dir" in _UNSAFE_SKIP_FSYNC, skip_file="file" in _UNSAFE_SKIP_FSYNC)
+
+    def _flush_msg_dir(self) -> None:
+        if "dir" not in _UNSAFE_SKIP_FSYNC:
+            fsync_dir(self.msg)
+
+    def open_journal(self, writer: str) -> None:
+        """Submissions from this process go through the group-commit journal (journal.py)."""
+        self.journal = JournalWriter(self.journal_dir, writer, skip_file="file" in _UNSAFE_SKIP_FSYNC,
+                                     skip_dir="dir" in _UNSAFE_SKIP_FSYNC, fsync_dir=fsync_dir)
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -152,7 +103,7 @@ class SpoolStore:
         """Create the folders; raise SpoolError with a clear reason if that is impossible."""
         try:
             created = False
-            for d in (self.root, self.msg, self.tmp, self.corrupt, self.ctl):
+            for d in (self.root, self.msg, self.tmp, self.corrupt, self.ctl, self.journal_dir):
                 if not d.is_dir():
                     d.mkdir(parents=True, exist_ok=True)
                     created = True
@@ -269,13 +220,13 @@ class SpoolStore:
     # -- writing -------------------------------------------------------------------------------
 
     @staticmethod
-    def _write_synced(path: Path, data: bytes) -> None:
+    def _write_synced(path: Path, data: bytes, flush: bool = True) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if "file" not in _UNSAFE_SKIP_FSYNC:
+            if flush and "file" not in _UNSAFE_SKIP_FSYNC:
                 os.fsync(fd)
         finally:
             os.close(fd)
@@ -285,7 +236,8 @@ class SpoolStore:
         st = os.statvfs(self.tmp)
         return st.f_bavail * st.f_frsize
 
-    def _put_sync(self, meta: MessageMeta, data: bytes, reserve: int = 0) -> None:
+    def _put_sync(self, meta: MessageMeta, data: bytes, reserve: int = 0, *, envelope: bytes | None = None,
+                  flush: bool = True, publish: bool = True) -> None:
         tmp_mail = self.tmp / f"{meta.id}.msg"
         if reserve:
             try:
@@ -296,9 +248,11 @@ class SpoolStore:
                 raise SpoolError("spool disk is full")
         try:
             # json.dumps escapes every newline inside strings: the first b"\n" ends the envelope.
-            self._write_synced(tmp_mail, b"%s %d\n" % (_MAIL_MAGIC, len(data)) + json.dumps(meta.to_json()).encode()
-                               + b"\n" + data)
-            os.rename(tmp_mail, self.mail_path(meta.id))
+            if envelope is None:
+                envelope = json.dumps(meta.to_json()).encode()
+            self._write_synced(tmp_mail, mail_file(envelope, data), flush)
+            if publish:
+                os.rename(tmp_mail, self.mail_path(meta.id))
         except OSError as exc:
             for p in (tmp_mail, self.mail_path(meta.id)):
                 with contextlib.suppress(OSError):
@@ -312,9 +266,37 @@ class SpoolStore:
         """
         await asyncio.to_thread(self._put_durably, meta, data, reserve)
 
-    def put_sync(self, meta: MessageMeta, data: bytes, *, reserve: int = 0) -> None:
-        """`put`, blocking: for callers already in a worker thread (submission) or without a loop (sendmail)."""
+    def put_sync(self, meta: MessageMeta, data: bytes, *, reserve: int = 0) -> str:
+        """`put`, blocking: for callers already in a worker thread (submission) or without a loop
+        (sendmail). Returns the journal segment holding the message ("" without a journal)."""
+        if self.journal is not None:
+            segment = self._put_journaled(self.journal, meta, data, reserve)
+            self.segment_of[meta.id] = segment  # popped by the child when it reports the id
+            return segment
         self._put_durably(meta, data, reserve)
+        return ""
+
+    def _put_journaled(self, journal: JournalWriter, meta: MessageMeta, data: bytes, reserve: int) -> str:
+        """tmp file (no flush), journal record, group fdatasync, rename: see journal.py."""
+        envelope = json.dumps(meta.to_json()).encode()
+        self._put_sync(meta, data, reserve, envelope=envelope, flush=False, publish=False)
+        try:
+            seg = journal.append(meta.id, envelope, data)
+        except OSError as exc:
+            self._drop_tmp(meta.id)
+            raise SpoolError(describe_os_error(exc)) from None
+        try:
+            journal.commit(seg)
+            os.rename(self.tmp / f"{meta.id}.msg", self.mail_path(meta.id))
+        except OSError as exc:
+            journal.cancel(seg, meta.id)
+            self._drop_tmp(meta.id)
+            raise SpoolError(describe_os_error(exc)) from None
+        return seg.name
+
+    def _drop_tmp(self, qid: str) -> None:
+        with contextlib.suppress(OSError):
+            (self.tmp / f"{qid}.msg").unlink()
 
     def _put_durably(self, meta: MessageMeta, data: bytes, reserve: int) -> None:
         """Write, rename and fsync the folder, all in one worker thread (one hop per message)."""
@@ -348,9 +330,32 @@ class SpoolStore:
     def _discard(self, qid: str) -> None:
         # Data before state (current format), state before data (old format): whatever a crash in
         # between leaves is a state without data or data without state, both removed at start-up.
+        self._unlink_all(qid)
+        self.book.done(qid)  # after the files: a replay must not bring a finished message back
+
+    def _unlink_all(self, qid: str) -> None:
         for p in (self.mail_path(qid), self.meta_path(qid), self.data_path(qid)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+    def replay_journal(self) -> int:
+        """Start-up, before any writer: restore from the journal what a crash left unflushed."""
+        def whole(qid: str) -> bool:
+            try:
+                self.check_whole(qid)
+            except CorruptEntry:
+                return False
+            return self.mail_path(qid).exists()
+
+        def restore(qid: str, envelope: bytes, data: bytes) -> None:
+            tmp = self.tmp / f"{qid}.msg"
+            self._write_synced(tmp, mail_file(envelope, data))
+            os.rename(tmp, self.mail_path(qid))
+
+        restored = self.book.replay(whole, restore, self._unlink_all)
+        if restored:
+            log.warning("spool: restored %d message file(s) from the journal", restored)
+        return restored
 
     async def remove(self, qid: str) -> None:
         """Forget a message whose recipients are all final (meta first: it is the commit point)."""
@@ -426,7 +431,13 @@ class SpoolStore:
         """Start-up scan: clean debris, quarantine corrupt entries, yield every message to resume."""
         from mta.spool.recovery import recover
 
+        self.replay_journal()  # first: it restores files the scan would otherwise call torn
         return recover(self)
+
+
+def mail_file(envelope: bytes, data: bytes) -> bytes:
+    """A <id>.msg file's bytes: length line, envelope line (json.dumps escapes newlines), data."""
+    return b"%s %d\n" % (_MAIL_MAGIC, len(data)) + envelope + b"\n" + data
 
 
 def fsync_dir(path: Path) -> None:
@@ -457,25 +468,6 @@ def describe_os_error(exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "spool is not writable"
     return f"spool write failed: {exc.strerror or exc}"
-
-
-def make_meta(
-    *, sender: str, recipients: list[str], data: bytes, now: float | None = None, client: str = "",
-    kind: str = "mail", eight_bit: bool = False, smtputf8: bool = False,
-) -> MessageMeta:
-    """A fresh MessageMeta with every recipient queued and due now."""
-    created = time.time() if now is None else now
-    return MessageMeta(
-        id=new_id(created),
-        sender=sender,
-        created=created,
-        size=len(data),
-        recipients=tuple(Recipient(address=r, next_attempt=created) for r in recipients),
-        client=client,
-        kind=kind,
-        eight_bit=eight_bit,
-        smtputf8=smtputf8,
-    )
 
 
 def _flock_within(fd: int, operation: int, timeout: float, busy: str) -> None:

@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 
@@ -112,11 +113,18 @@ async def _child(cfg: Config, write_fd: int, parent: int, socks: list[socket.soc
     metrics.set_enabled(bool(cfg.http.listen))
     metrics.forward_to(lambda line: transport.write(line.encode()))
 
+    store = SpoolStore(cfg.queue.path)
+    if cfg.queue.group_commit:
+        # Our own journal segments (issue 18): named by pid and start time, unique across restarts.
+        store.open_journal(f"{os.getpid()}-{int(time.time() * 1000):x}")
+
     def accepted(meta: MessageMeta) -> None:
         metrics.flush_forwarded()
-        transport.write(f"{meta.id}\n".encode())
+        # "<id> <journal segment>": the parent marks the segment's .done file when the message is
+        # finished, so a replay after a crash does not bring it back.
+        transport.write(f"{meta.id} {store.segment_of.pop(meta.id, '')}\n".encode())
 
-    listeners = build_listeners(cfg, SpoolStore(cfg.queue.path), accepted)
+    listeners = build_listeners(cfg, store, accepted)
     for attempt in range(50):
         try:
             await listeners.start(socks)
@@ -138,7 +146,11 @@ async def _child(cfg: Config, write_fd: int, parent: int, socks: list[socket.soc
     while not stop.is_set() and os.getppid() == parent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
+        if store.journal is not None:
+            store.journal.tick()  # seal an idle segment so the parent can checkpoint it
     await listeners.stop()
+    if store.journal is not None:
+        store.journal.close()
     transport.close()
     return 0
 

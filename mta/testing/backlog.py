@@ -23,7 +23,7 @@ WEEK = 7 * 86400.0
 
 class _Unflushed(SpoolStore):
     @staticmethod
-    def _write_synced(path: Path, data: bytes) -> None:
+    def _write_synced(path: Path, data: bytes, flush: bool = True) -> None:
         with open(path, "wb") as f:
             f.write(data)
 

@@ -87,7 +87,7 @@ def _tokens(mx: FakeMx) -> list[tuple[str, float]]:
 
 def run_soak(tmp: Path, rounds: int, *, seed: int = 1, clients: int = 8, round_seconds: float = 1.5, min_acks: int = 0,
              drain_timeout: float = 60.0, powercut: bool = False, writeback: float = 0.0,
-             start_timeout: float = 10.0) -> SoakResult:
+             start_timeout: float = 10.0, group_commit: bool = True) -> SoakResult:
     rng = random.Random(seed)
     world = World(tmp)
     fs: LazyFs | None = None
@@ -95,11 +95,11 @@ def run_soak(tmp: Path, rounds: int, *, seed: int = 1, clients: int = 8, round_s
         mx = world.mx_host("mx1.dst.test", "127.0.0.21")
         world.domain("dst.test", [(10, "mx1.dst.test")])
         world.sts("dst.test", "enforce", ["mx1.dst.test"])
-        extra: dict[str, object] = {"delivery": {"retry_intervals": ["1s"]}}
+        extra: dict[str, object] = {"delivery": {"retry_intervals": ["1s"]}, "queue": {"group_commit": group_commit}}
         if powercut:
             fs = LazyFs(tmp / "disk", tmp / "mnt").mount()
             queue = fs.mountpoint / "queue"
-            extra.update(queue={"path": str(queue)},
+            extra.update(queue={"path": str(queue), "group_commit": group_commit},
                          mta_sts={"cache_path": str(queue / "sts-cache.db")},
                          tlsrpt={"enabled": True, "db_path": str(queue / "tlsrpt.db"), "record_all_sessions": True,
                                  "contact_info": "mailto:tlsrpt@src.test", "report_sender": "tlsrpt@src.test"},
