@@ -13,6 +13,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,7 +191,8 @@ class Relay:
         self._background.append(self.scheduler_task)
         self._background.append(loop.create_task(self._sweep_pool()))
         if child is not None and self.cfg.queue.group_commit:
-            self._background.append(loop.create_task(self._checkpoints()))
+            self._background.append(loop.create_task(self._journal_upkeep(self.store.book.flush_marks, MARK_INTERVAL)))
+            self._background.append(loop.create_task(self._journal_upkeep(self.store.book.checkpoint_due, 1.0)))
         if self.sts is not None and hasattr(self.sts, "refresh_loop"):
             self._background.append(loop.create_task(self.sts.refresh_loop(
                 self.stop_event, interval=self.cfg.mta_sts.refresh_interval)))
@@ -289,22 +291,17 @@ class Relay:
                 await asyncio.wait_for(self.stop_event.wait(), timeout=max(1.0, self.pool.max_idle_time))
             await self.pool.sweep()
 
-    async def _checkpoints(self) -> None:
-        """The journal's upkeep (mta/spool/journal.py): flush the finished-message marks every
-        MARK_INTERVAL (bounds the duplicates a power cut can cause), checkpoint sealed segments
-        about once a second."""
-        book = self.store.book
-        ticks = 0
+    async def _journal_upkeep(self, step: Callable[[], object], interval: float) -> None:
+        """Run one of the journal's chores (mta/spool/journal.py) every `interval` seconds in a thread.
+        Two loops, so a slow checkpoint never delays the marks' flush (which bounds the duplicate
+        deliveries a power cut can cause to those finished in the last MARK_INTERVAL)."""
         while not self.stop_event.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), timeout=MARK_INTERVAL)
-            ticks += 1
+                await asyncio.wait_for(self.stop_event.wait(), timeout=interval)
             try:
-                await asyncio.to_thread(book.flush_marks)
-                if ticks % round(1 / MARK_INTERVAL) == 0:
-                    await asyncio.to_thread(book.checkpoint_due)
+                await asyncio.to_thread(step)
             except OSError as exc:  # the segments stay, and so does every message: retried next time
-                _log.error("spool: journal checkpoint failed: %s", exc)
+                _log.error("spool: journal upkeep failed: %s", exc)
 
     async def stop(self) -> None:
         log.event("stopping", queued=self.scheduler.queued)

@@ -317,6 +317,7 @@ class JournalBook:
         self._marks: dict[str, int] = {}  # open .done files, by segment
         self._dirty: set[str] = set()
         self._new_marks = False  # a .done file created since journal/ was last flushed
+        self._unlinked = False  # a message removed since msg/ was last flushed by flush_marks
 
     def note(self, qid: str, segment: str) -> None:
         """A message acknowledged out of `segment` (a line from the submission child)."""
@@ -331,6 +332,7 @@ class JournalBook:
     def done(self, qid: str) -> None:
         """The message's files are gone: mark it so a replay does not bring it back."""
         with self._lock:
+            self._unlinked = True
             segment = self._segment_of.pop(qid, None)
             if segment is None:
                 return
@@ -347,12 +349,18 @@ class JournalBook:
                 self._dirty.add(segment)
 
     def flush_marks(self) -> int:
-        """fdatasync the .done files written since the last call (the owner calls this a few times a
-        second: one flush per interval however many messages finished in it). Returns how many."""
+        """Make the removals of the last moments durable: fdatasync the .done files written since the
+        last call and flush msg/ (a removal not journaled here, of a message resumed at start-up,
+        say, is durable only by that). The owner calls this a few times a second: one or two flushes
+        per interval however many messages finished in it. Returns how many .done files it flushed."""
         with self._lock:
             dirty = [self._marks[s] for s in self._dirty if s in self._marks]
             self._dirty.clear()
             new, self._new_marks = self._new_marks, False
+            unlinked, self._unlinked = self._unlinked, False
+            if unlinked and not self._skip_dir:
+                with contextlib.suppress(OSError):
+                    self._fsync_dir(self._msg_folder)
             # Under the lock: a checkpoint closing one of these fds must wait until we are done.
             if not self._skip_file:
                 for fd in dirty:
