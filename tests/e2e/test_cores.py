@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import aiosmtplib
 import pytest
 
 from mta.submission.sockets import foreign_listeners, parse_listeners
+from tests.support.burst import burst
 from tests.support.ops import scrape, value, wait_up, wait_value
 from tests.support.relay import (
     RelayProcess,
@@ -106,22 +106,6 @@ def test_perf_5_two_children_share_the_port_and_their_counts_add_up(world: World
     assert relay.stop() == 0
 
 
-async def _burst(host: str, port: int, acked: list[str], stop_at: float, clients: int = 8) -> None:
-    async def client(n: int) -> None:
-        while time.monotonic() < stop_at:
-            try:
-                async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=5) as c:
-                    while time.monotonic() < stop_at:
-                        _errors, reply = await c.sendmail("alice@src.test", [f"r{n}@dst.test"], MSG)
-                        m = re.search(r"queued as (\w+)", reply)
-                        assert m, reply
-                        acked.append(m.group(1))
-            except (aiosmtplib.SMTPException, OSError):
-                await asyncio.sleep(0.02)  # the relay is stopping; try again until time is up
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
-
-
 def test_perf_5_sigkill_of_one_child_stops_the_relay_and_loses_nothing(world: World) -> None:
     mx = world.mx_host("mx.dst.test", "127.0.0.27")
     world.domain("dst.test", [(10, "mx.dst.test")])
@@ -132,7 +116,8 @@ def test_perf_5_sigkill_of_one_child_stops_the_relay_and_loses_nothing(world: Wo
     acked: list[str] = []
 
     async def load_then_kill() -> None:
-        task = asyncio.ensure_future(_burst(host, port, acked, time.monotonic() + 2.0))
+        task = asyncio.ensure_future(burst(host, port, acked, time.monotonic() + 2.0,
+                                           message=MSG, clients=8, sender="alice@src.test"))
         await asyncio.sleep(0.8)
         os.kill(started["submission_pids"][1], signal.SIGKILL)
         await task

@@ -9,31 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import time
 from pathlib import Path
 
-import aiosmtplib
-
+from tests.support.burst import burst
 from tests.support.relay import RelayProcess, base_config, deep_merge, listen_address, run_cli, write_config
 
 MSG = b"Subject: burst\r\n\r\n" + (b"x" * 78 + b"\r\n") * 25
-
-
-async def _burst(host: str, port: int, acked: list[str], stop_at: float, clients: int = 10) -> None:
-    async def client(n: int) -> None:
-        while time.monotonic() < stop_at:
-            try:
-                async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=5) as c:
-                    while time.monotonic() < stop_at:
-                        _errors, reply = await c.sendmail("s@src.test", [f"r{n}@dst.test"], MSG)
-                        m = re.search(r"queued as (\w+)", reply)
-                        assert m, reply
-                        acked.append(m.group(1))
-            except (aiosmtplib.SMTPException, OSError):
-                await asyncio.sleep(0.02)  # the relay was killed; try again until time is up
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
 
 
 def test_sigkill_during_burst_loses_nothing_acknowledged(tmp_path: Path) -> None:
@@ -47,7 +29,8 @@ def test_sigkill_during_burst_loses_nothing_acknowledged(tmp_path: Path) -> None
         relay = RelayProcess(config, data).start()
 
         async def round_trip(relay: RelayProcess = relay) -> None:
-            task = asyncio.ensure_future(_burst(host, port, acked, time.monotonic() + 1.5))
+            task = asyncio.ensure_future(burst(host, port, acked, time.monotonic() + 1.5,
+                                               message=MSG, clients=10, sender="s@src.test"))
             await asyncio.sleep(0.3 + rng.random() * 0.8)
             relay.kill()  # SIGKILL mid-burst
             await task
