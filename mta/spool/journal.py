@@ -310,7 +310,10 @@ class JournalBook:
         self._fsync_dir = fsync_dir
         self._skip_dir = skip_dir
         self._skip_file = skip_file
+        # `_lock` guards the tables and is never held across I/O (`note` runs on the event loop);
+        # `_io` guards the .done fds while they are written, flushed or closed. Both: `_io` first.
         self._lock = threading.Lock()
+        self._io = threading.Lock()
         self._segment_of: dict[str, str] = {}
         self._members: dict[str, set[str]] = {}
         self._retired: dict[str, None] = {}  # recent checkpointed segments (bounded): late notes ignored
@@ -337,38 +340,44 @@ class JournalBook:
             if segment is None:
                 return
             self._members.get(segment, set()).discard(qid)
-            # Flushed by flush_marks a moment later, not now: a mark lost to a power cut means at
-            # most a second delivery of a message finished in that moment.
-            with contextlib.suppress(OSError):
-                fd = self._marks.get(segment)
-                if fd is None:
-                    fd = self._marks[segment] = os.open(self.folder / f"{segment}.done",
-                                                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                    self._new_marks = True
-                os.write(fd, f"{qid}\n".encode())
-                self._dirty.add(segment)
+        # Flushed by flush_marks a moment later, not now: a mark lost to a power cut means at most a
+        # second delivery of a message finished in that moment.
+        created = False
+        with self._io, contextlib.suppress(OSError):
+            if segment in self._retired:
+                return  # checkpointed meanwhile: nothing will replay it
+            fd = self._marks.get(segment)
+            if fd is None:
+                fd = self._marks[segment] = os.open(self.folder / f"{segment}.done",
+                                                    os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                created = True
+            os.write(fd, f"{qid}\n".encode())
+        with self._lock:  # after the write: a flush that sees the segment dirty covers the write
+            self._dirty.add(segment)
+            self._new_marks = self._new_marks or created
 
     def flush_marks(self) -> int:
         """Make the removals of the last moments durable: fdatasync the .done files written since the
         last call and flush msg/ (a removal not journaled here, of a message resumed at start-up,
         say, is durable only by that). The owner calls this a few times a second: one or two flushes
-        per interval however many messages finished in it. Returns how many .done files it flushed."""
+        per interval however many messages finished in it. Returns how many .done files it flushed.
+
+        Only `_io` is held while flushing, never `_lock`: `note` runs on the event loop."""
         with self._lock:
-            dirty = [self._marks[s] for s in self._dirty if s in self._marks]
+            dirty = list(self._dirty)
             self._dirty.clear()
             new, self._new_marks = self._new_marks, False
             unlinked, self._unlinked = self._unlinked, False
+        with self._io, contextlib.suppress(OSError):
             if unlinked and not self._skip_dir:
-                with contextlib.suppress(OSError):
-                    self._fsync_dir(self._msg_folder)
-            # Under the lock: a checkpoint closing one of these fds must wait until we are done.
+                self._fsync_dir(self._msg_folder)
             if not self._skip_file:
-                for fd in dirty:
-                    with contextlib.suppress(OSError):
+                for segment in dirty:
+                    fd = self._marks.get(segment)
+                    if fd is not None:  # None: checkpointed meanwhile
                         os.fdatasync(fd)
             if new and not self._skip_dir:
-                with contextlib.suppress(OSError):
-                    self._fsync_dir(self.folder)
+                self._fsync_dir(self.folder)
         return len(dirty)
 
     def tracked(self) -> int:
@@ -423,19 +432,21 @@ class JournalBook:
         if not self._skip_dir:
             # A segment whose removal is lost would replay as if its finished mail were new.
             self._fsync_dir(self.folder)
-        with self._lock:
+        with self._io:
             for name in names:
                 fd = self._marks.pop(name, None)
                 if fd is not None:
                     os.close(fd)
-                self._dirty.discard(name)
                 with contextlib.suppress(FileNotFoundError):
                     (self.folder / f"{name}.done").unlink()
-                self._retired[name] = None
-                for qid in self._members.pop(name, set()):
-                    self._segment_of.pop(qid, None)
-            while len(self._retired) > 1024:
-                del self._retired[next(iter(self._retired))]
+            with self._lock:  # `_io` first, always; only table updates under `_lock`
+                for name in names:
+                    self._retired[name] = None
+                    self._dirty.discard(name)
+                    for qid in self._members.pop(name, set()):
+                        self._segment_of.pop(qid, None)
+                while len(self._retired) > 1024:
+                    del self._retired[next(iter(self._retired))]
 
     def replay(self, whole: Callable[[str], bool], restore: Callable[[str, bytes, bytes], None],
                discard: Callable[[str], None]) -> int:

@@ -226,3 +226,30 @@ def test_an_offline_delete_after_a_crash_is_not_undone_by_the_next_start(tmp_pat
     finally:
         offline.unlock()
     assert sorted(m.id for m in SpoolStore(store.root).recover()) == sorted(ids[:1] + ids[2:])
+
+
+def test_noting_a_message_never_waits_for_a_flush_of_the_marks(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`note` runs on the parent's event loop: a slow disk flushing .done marks must not stall it."""
+    store = SpoolStore(tmp_path / "q")
+    store.prepare()
+    store.book.note("0A", "w-1")
+    store._discard("0A")  # a mark written, to be flushed
+    flushing = threading.Event()
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        flushing.set()
+        time.sleep(0.5)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    flusher = threading.Thread(target=store.book.flush_marks)
+    flusher.start()
+    assert flushing.wait(5)
+    started = time.monotonic()
+    store.book.note("0B", "w-1")
+    took = time.monotonic() - started
+    flusher.join(5)
+    assert took < 0.2, f"note waited {took:.2f} s for the flush"
+    assert store.book.tracked() == 1
