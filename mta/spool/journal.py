@@ -17,11 +17,11 @@ Record: b"MTAJ", then big-endian lengths of envelope and data, CRC-32 of both, e
 MessageMeta JSON), data. A segment is read up to its first incomplete or damaged record: every
 record that was acknowledged lies before it (its fdatasync covered everything written earlier).
 
-Order of a put (JournalWriter.put): data and envelope to tmp/<id>.msg (no flush), the record to
+Order of a put (SpoolStore._put_journaled): data and envelope to tmp/<id>.msg (no flush), the record to
 the segment, the group fdatasync, the rename into msg/, then the 250. A power cut before the
 fdatasync leaves at most debris in tmp/; after it the journal restores whatever the file lacks.
 
-Checkpoint (the spool owner, JournalBook.checkpoint): for a sealed segment, fsync every message
+Checkpoint (the spool owner, JournalBook.checkpoint_due): for a sealed segment, fsync every message
 file of it that still exists, fsync msg/ (that also makes the removals of finished messages
 durable), then delete the segment and fsync journal/. After that the segment is not needed.
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import struct
 import threading
@@ -47,8 +46,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-log = logging.getLogger("mta.spool")
 
 SEGMENT_MAGIC = b"MTA-JOURNAL-1\n"
 RECORD_MAGIC = b"MTAJ"
@@ -178,7 +175,7 @@ class _Segment:
 
 
 class JournalWriter:
-    """A submission child's side: `put` appends, group-commits and renames (see the module text)."""
+    """A submission child's side: `append` a record, then `commit` (the shared fdatasync)."""
 
     def __init__(self, folder: Path, writer: str, *, skip_file: bool = False, skip_dir: bool = False,
                  fsync_dir: Callable[[Path], None]) -> None:
@@ -211,7 +208,7 @@ class JournalWriter:
             raise
         return seg
 
-    def append(self, qid: str, envelope: bytes, data: bytes) -> _Segment:
+    def append(self, envelope: bytes, data: bytes) -> _Segment:
         """Append one record (no flush yet); the caller then calls commit(segment)."""
         blob = encode(envelope, data)
         with self._lock:
@@ -395,7 +392,7 @@ class JournalBook:
         return self._checkpoint(due)
 
     def checkpoint_all(self) -> int:
-        """Every segment, open ones too: only when no writer is left (shutdown, start-up)."""
+        """Every segment, open ones too: only when no writer is left (shutdown; start-up replays)."""
         return self._checkpoint(segments(self.folder, ".sealed", ".log"))
 
     def _checkpoint(self, paths: list[Path]) -> int:

@@ -201,6 +201,10 @@ class SpoolStore:
 
     # -- paths ---------------------------------------------------------------------------------
 
+    def _tmp_mail(self, qid: str) -> Path:
+        """Where a <id>.msg is written before its rename into msg/ (debris after a crash)."""
+        return self.tmp / f"{qid}.msg"
+
     def mail_path(self, qid: str) -> Path:
         """Envelope line + data, written once at submission (the current format)."""
         return self.msg / f"{qid}.msg"
@@ -238,7 +242,7 @@ class SpoolStore:
 
     def _put_sync(self, meta: MessageMeta, data: bytes, reserve: int = 0, *, envelope: bytes | None = None,
                   flush: bool = True, publish: bool = True) -> None:
-        tmp_mail = self.tmp / f"{meta.id}.msg"
+        tmp_mail = self._tmp_mail(meta.id)
         if reserve:
             try:
                 left = self.free_bytes() - len(data) - _META_ALLOWANCE
@@ -281,13 +285,13 @@ class SpoolStore:
         envelope = json.dumps(meta.to_json()).encode()
         self._put_sync(meta, data, reserve, envelope=envelope, flush=False, publish=False)
         try:
-            seg = journal.append(meta.id, envelope, data)
+            seg = journal.append(envelope, data)
         except OSError as exc:
             self._drop_tmp(meta.id)
             raise SpoolError(describe_os_error(exc)) from None
         try:
             journal.commit(seg)
-            os.rename(self.tmp / f"{meta.id}.msg", self.mail_path(meta.id))
+            os.rename(self._tmp_mail(meta.id), self.mail_path(meta.id))
         except OSError as exc:
             journal.cancel(seg, meta.id)
             self._drop_tmp(meta.id)
@@ -296,7 +300,7 @@ class SpoolStore:
 
     def _drop_tmp(self, qid: str) -> None:
         with contextlib.suppress(OSError):
-            (self.tmp / f"{qid}.msg").unlink()
+            self._tmp_mail(qid).unlink()
 
     def _put_durably(self, meta: MessageMeta, data: bytes, reserve: int) -> None:
         """Write, rename and fsync the folder, all in one worker thread (one hop per message)."""
@@ -348,7 +352,7 @@ class SpoolStore:
             return self.mail_path(qid).exists()
 
         def restore(qid: str, envelope: bytes, data: bytes) -> None:
-            tmp = self.tmp / f"{qid}.msg"
+            tmp = self._tmp_mail(qid)
             self._write_synced(tmp, mail_file(envelope, data))
             os.rename(tmp, self.mail_path(qid))
 
