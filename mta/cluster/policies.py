@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 
 from mta.cluster.db import ClusterDb, ClusterError
-from mta.sts.cache import ANY, TOUCH_WRITE_INTERVAL, CacheError, _entry_from_row, supersedes
+from mta.sts.cache import ANY, CacheError, InMemoryPolicies, _entry_from_row, supersedes
 from mta.sts.decide import CacheEntry
 from mta.sts.policy import policy_to_text
 
@@ -50,16 +50,13 @@ _WRITE = (
 )
 
 
-class PgPolicyCache:
+class PgPolicyCache(InMemoryPolicies):
     """Policy cache shared by the nodes of a cluster (see the module rule)."""
 
     def __init__(self, db: ClusterDb, *, sync_interval: float = 1.0) -> None:
+        super().__init__()
         self.db = db
         self.sync_interval = sync_interval
-        self._entries: dict[str, CacheEntry] = {}
-        self._last_used: dict[str, float] = {}
-        self._last_used_written: dict[str, float] = {}
-        self._damaged: dict[str, str] = {}
         self._on_db: dict[str, tuple[str, float]] = {}  # (txt_id, fetched_at) of the row last read/written
         self._dirty: set[str] = set()
         self._touched: dict[str, float] = {}
@@ -72,45 +69,26 @@ class PgPolicyCache:
     # ----- PolicyStore: memory only ----------------------------------------------------------
 
     async def get(self, domain: str) -> CacheEntry | None:
-        return self._entries.get(domain.lower())
-
-    def peek(self, domain: str) -> CacheEntry | None:
-        return self._entries.get(domain.lower())
+        return self.peek(domain)
 
     def damage(self, domain: str) -> str | None:
-        domain = domain.lower()
-        if domain in self._damaged:
-            return f"stored policy of {domain} is unreadable: {self._damaged[domain]}"
-        return None
-
-    def damaged(self) -> dict[str, str]:
-        return dict(self._damaged)
+        return self._row_damage(domain)
 
     async def put(self, entry: CacheEntry, expected: CacheEntry | object | None = ANY) -> bool:
-        domain = entry.domain.lower()
-        if not supersedes(entry, self._entries.get(domain), expected):
+        domain = self._replace(entry, expected)
+        if domain is None:
             return False
-        self._entries[domain] = entry
         self._dirty.add(domain)
         self._wake.set()  # other nodes should see a new policy soon
         return True
 
     async def all(self) -> list[CacheEntry]:
-        return [self._entries[d] for d in sorted(self._entries)]
+        return self._sorted()
 
     async def touch(self, domain: str, now: float) -> None:
-        domain = domain.lower()
-        self._last_used[domain] = now
-        if domain in self._entries and now - self._last_used_written.get(domain, -math.inf) >= TOUCH_WRITE_INTERVAL:
-            self._last_used_written[domain] = now
-            self._touched[domain] = now
-
-    def last_used(self, domain: str) -> float | None:
-        return self._last_used.get(domain.lower())
-
-    def size(self) -> int:
-        """How many policies this node holds (the mta_sts_policies_cached gauge)."""
-        return len(self._entries)
+        due = self._note_use(domain, now)
+        if due is not None:
+            self._touched[due] = now
 
     async def close(self) -> None:
         """Write what is still dirty, if the database answers; the database itself is closed by its owner."""

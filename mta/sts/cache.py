@@ -82,20 +82,73 @@ class PolicyStore(Protocol):
     async def close(self) -> None: ...
 
 
-class PolicyCache:
+class InMemoryPolicies:
+    """What both policy caches keep in memory and answer from it: this SQLite one and the cluster's
+    (mta.cluster.policies). Entries by domain, damaged rows, last-use times; subclasses add the I/O
+    (when to load, where a stored or touched entry is written)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, CacheEntry] = {}
+        self._damaged: dict[str, str] = {}  # domain -> why its stored row could not be read (item 3)
+        self._last_used: dict[str, float] = {}
+        self._last_used_written: dict[str, float] = {}
+
+    def peek(self, domain: str) -> CacheEntry | None:
+        """The in-memory entry for `domain`, without touching the database (never raises)."""
+        return self._entries.get(domain.lower())
+
+    def damaged(self) -> dict[str, str]:
+        """Every damaged row seen by the last read: domain -> why it could not be read."""
+        return dict(self._damaged)
+
+    def _row_damage(self, domain: str) -> str | None:
+        domain = domain.lower()
+        if domain in self._damaged:
+            return f"stored policy of {domain} is unreadable: {self._damaged[domain]}"
+        return None
+
+    def _replace(self, entry: CacheEntry, expected: CacheEntry | object | None) -> str | None:
+        """Keep `entry` in memory unless that would roll back a newer one (see `supersedes`);
+        returns its domain when it was kept, for the subclass to write."""
+        domain = entry.domain.lower()
+        if not supersedes(entry, self._entries.get(domain), expected):
+            return None
+        self._entries[domain] = entry
+        return domain
+
+    def _note_use(self, domain: str, now: float) -> str | None:
+        """Record a use of `domain` at `now`; returns the domain when its stored last-use time is due
+        for a write (at most once per TOUCH_WRITE_INTERVAL, and only for a cached policy)."""
+        domain = domain.lower()
+        self._last_used[domain] = now
+        if domain in self._entries and now - self._last_used_written.get(domain, float("-inf")) >= TOUCH_WRITE_INTERVAL:
+            self._last_used_written[domain] = now
+            return domain
+        return None
+
+    def _sorted(self) -> list[CacheEntry]:
+        return [self._entries[d] for d in sorted(self._entries)]
+
+    def size(self) -> int:
+        """How many policies are held in memory (the mta_sts_policies_cached gauge)."""
+        return len(self._entries)
+
+    def last_used(self, domain: str) -> float | None:
+        """When mail last went to `domain` (None if never, as far as this cache knows)."""
+        return self._last_used.get(domain.lower())
+
+
+class PolicyCache(InMemoryPolicies):
     """Policy cache at `path` (created if missing). Coroutine methods; call `close()` when done."""
 
     def __init__(self, path: str | Path) -> None:
+        super().__init__()
         self.path = Path(path)
         self._lock = threading.Lock()  # one sqlite3 connection, used by one worker thread at a time
         self._conn: sqlite3.Connection | None = None
-        self._entries: dict[str, CacheEntry] = {}
-        self._last_used: dict[str, float] = {}
-        self._last_used_written: dict[str, float] = {}
         self._loaded = False
         self._load_lock = asyncio.Lock()
         self._closed = False
-        self._damaged: dict[str, str] = {}  # domain -> why its row could not be read (item 3)
         self._load_error: str | None = None  # why the table could not be read at all, until it can
         self._on_disk: dict[str, tuple[str, float]] = {}  # (txt_id, fetched_at) of the row last read/written
 
@@ -110,22 +163,12 @@ class PolicyCache:
             await self._load()
         return self._entries.get(domain.lower())
 
-    def peek(self, domain: str) -> CacheEntry | None:
-        """The in-memory entry for `domain`, without touching the database (never raises)."""
-        return self._entries.get(domain.lower())
-
     def damage(self, domain: str) -> str | None:
         """Why `domain`'s stored row could not be read, or why the table could not; None if fine."""
-        domain = domain.lower()
-        if domain in self._damaged:
-            return f"stored policy of {domain} is unreadable: {self._damaged[domain]}"
-        if self._load_error is not None:
+        row = self._row_damage(domain)
+        if row is None and self._load_error is not None:
             return f"policy cache unreadable: {self._load_error}"
-        return None
-
-    def damaged(self) -> dict[str, str]:
-        """Every damaged row seen by the last load: domain -> why it could not be read."""
-        return dict(self._damaged)
+        return row
 
     async def put(self, entry: CacheEntry, expected: CacheEntry | object | None = ANY) -> bool:
         """Store `entry` unless that would roll back a newer one; True if it was stored.
@@ -144,10 +187,9 @@ class PolicyCache:
                 await self._load()
             except CacheError as exc:
                 unreadable = exc  # keep the entry in memory all the same, then say so
-        domain = entry.domain.lower()
-        if not supersedes(entry, self._entries.get(domain), expected):
+        domain = self._replace(entry, expected)
+        if domain is None:
             return False
-        self._entries[domain] = entry
         if unreadable is not None:
             raise unreadable
         await self._run(self._write_row, domain)
@@ -157,25 +199,15 @@ class PolicyCache:
         """Every cached entry, sorted by domain."""
         if not self._loaded:
             await self._load()
-        return [self._entries[d] for d in sorted(self._entries)]
+        return self._sorted()
 
     async def touch(self, domain: str, now: float) -> None:
         """Note that mail was sent to `domain` at `now` (selects domains for proactive refresh)."""
         if not self._loaded:
             await self._load()
-        domain = domain.lower()
-        self._last_used[domain] = now
-        if domain in self._entries and now - self._last_used_written.get(domain, float("-inf")) >= TOUCH_WRITE_INTERVAL:
-            self._last_used_written[domain] = now
-            await self._run(self._write_last_used, domain, now)
-
-    def size(self) -> int:
-        """How many policies are cached (in memory; 0 before the first lookup loads the file)."""
-        return len(self._entries)
-
-    def last_used(self, domain: str) -> float | None:
-        """When mail last went to `domain` (None if never, as far as this cache knows)."""
-        return self._last_used.get(domain.lower())
+        due = self._note_use(domain, now)
+        if due is not None:
+            await self._run(self._write_last_used, due, now)
 
     async def close(self) -> None:
         """Close the database; the cache must not be used afterwards."""
