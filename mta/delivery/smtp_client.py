@@ -23,6 +23,14 @@ final for all; MAIL 4xx, or the connection lost at MAIL, raises so the next host
 (SMTP-23). A lost connection or a timeout after MAIL leaves every recipient without a final
 answer at 451 4.4.2 (SMTP-22, SMTP-32). Every command has its own timeout (SMTP-31, §4.5.3.2).
 
+Pipelining (PERF-6, RFC 2920): when the last EHLO offered PIPELINING, MAIL, every RCPT and DATA
+leave in one write and the replies are read in order, each with its own timeout; the body only
+after 354, and the rules above apply reply by reply. Every command is built before anything is
+written, so an address that cannot be sent is a 553 with nothing sent. After a refused MAIL the
+replies to the RCPTs and DATA (503) are read before the connection may serve again; with nobody
+accepted, DATA's refusal is followed by RSET, and a 354 all the same gets just the terminating dot
+(RFC 2920 §3.1). Replies, pipelined or not, are read by mta.delivery.pipeline.ReplyReader.
+
 A hostile or broken server is contained here: a reply is at most aiosmtplib's 32 KiB (an endless
 multi-line reply fails at once), a refusal must be 4yz/5yz, DATA must get 354 and the end of data
 2yz (RFC 5321 §4.2.1, §4.3.2). Anything else - a code outside the protocol, a malformed or
