@@ -93,6 +93,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+LINGER = 0.005  # seconds the writer waits after a short batch
+
+
 class ThreadedStderr(logging.Handler):
     """Queues records for a writer thread that formats them and writes them to fd 2.
 
@@ -147,7 +150,9 @@ class ThreadedStderr(logging.Handler):
         queue = self._queue
         while True:
             batch = [queue.get()]
-            while len(batch) < 256:  # one write for what piled up meanwhile
+            # One write for what piled up meanwhile, in small batches: formatting holds the GIL,
+            # and an event loop waiting for it would otherwise wait up to the switch interval.
+            while len(batch) < 16:
                 try:
                     batch.append(queue.get_nowait())
                 except Empty:
@@ -156,6 +161,10 @@ class ThreadedStderr(logging.Handler):
             for marker in batch:
                 if isinstance(marker, threading.Event):
                     marker.set()
+            if len(batch) < 16:
+                # Let lines gather for a moment: one wake-up and one write per few lines, not per
+                # line, under load (a line waits at most this long; idle, get() just blocks).
+                time.sleep(LINGER)
 
     def drain(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until every record queued before the call is written."""

@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mta.errors import CorruptEntry, SpoolError
-from mta.spool.files import describe_os_error, flock_within, fsync_dir, unusable
+from mta.spool.files import describe_os_error, flock_within, fsync_dir, read_noatime, unusable
 from mta.spool.ids import id_created, make_meta, new_id  # noqa: F401 (re-exported: the spool's API)
 from mta.spool.journal import GroupSync, JournalBook, JournalWriter
 from mta.spool.state import MessageMeta
@@ -84,6 +84,10 @@ class SpoolStore:
         # Group commit (journal.py): the submission child opens a writer; the owner keeps the book.
         self.journal: JournalWriter | None = None
         self.segment_of: dict[str, str] = {}
+        # Fresh messages (see `fresh`) this process gave a <id>.json: for the others only <id>.msg
+        # exists, so the hot path skips looking for the rest (lookups in a busy msg/ folder wait
+        # on the folder's blocks while the spool's flushes commit them).
+        self._stated: set[str] = set()
         self.book = JournalBook(self.journal_dir, self.mail_path, self.msg, fsync_dir,
                                 skip_dir="dir" in _UNSAFE_SKIP_FSYNC, skip_file="file" in _UNSAFE_SKIP_FSYNC)
 
@@ -315,6 +319,7 @@ class SpoolStore:
         try:
             self._write_synced(tmp_meta, json.dumps(meta.to_json()).encode())
             os.rename(tmp_meta, self.meta_path(meta.id))
+            self._stated.add(meta.id)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp_meta.unlink()
@@ -337,6 +342,10 @@ class SpoolStore:
         self.book.done(qid)  # after the files: a replay must not bring a finished message back
 
     def _unlink_all(self, qid: str) -> None:
+        if self._only_msg(qid):
+            self.mail_path(qid).unlink(missing_ok=True)
+            return
+        self._stated.discard(qid)
         for p in (self.mail_path(qid), self.meta_path(qid), self.data_path(qid)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -392,18 +401,23 @@ class SpoolStore:
 
     def load_with_data_sync(self, qid: str) -> tuple[MessageMeta, bytes]:
         """Envelope and data with one open of <id>.msg (the delivery hot path needs both)."""
+        raw = b""
+        if not self._only_msg(qid):
+            with contextlib.suppress(FileNotFoundError):
+                raw = self.meta_path(qid).read_bytes()  # an update's newer envelope
         try:
-            raw = self.meta_path(qid).read_bytes()  # an update's newer envelope
-        except FileNotFoundError:
-            raw = b""
-        try:
-            with open(self.mail_path(qid), "rb") as f:
-                f.readline()  # the length line
-                line, data = f.readline(), f.read()
+            whole = read_noatime(self.mail_path(qid))
         except FileNotFoundError:  # the old two-file format, or gone (load_sync says which)
             meta = self.load_sync(qid)
             return meta, b"" if meta.held or meta.done else self.data_path(qid).read_bytes()
+        _, _, rest = whole.partition(b"\n")  # the length line
+        line, _, data = rest.partition(b"\n")
         return self._parse(qid, raw or line), data
+
+    def _only_msg(self, qid: str) -> bool:
+        """Certainly no file but <id>.msg: fresh, and never updated by this process (the only
+        writer of a .json while it holds the spool)."""
+        return qid not in self._stated and self.book.holds(qid)
 
     def fresh(self, qid: str) -> bool:
         """Written by a submission child seconds ago (its journal segment is not checkpointed):

@@ -111,3 +111,23 @@ def test_pwr_3_state_left_by_an_interrupted_removal_is_dropped(tmp_path: Path) -
     os.unlink(store.mail_path(meta.id))  # removal: the data went first, then the crash
     assert list(store.recover()) == []
     assert list(store.msg.iterdir()) == [] and list(store.corrupt.iterdir()) == []
+
+
+def test_pwr_4_a_fresh_message_is_read_in_one_open_yet_an_update_still_wins(tmp_path: Path) -> None:
+    """The delivery hot path (issue 18): a message noted from a journal segment skips the search
+    for a <id>.json, unless this process wrote one; removal leaves nothing either way."""
+    store = new_store(tmp_path)
+    metas = [make_meta(sender="s@a.test", recipients=["r@b.test"], data=b"x\r\n") for _ in range(2)]
+    for m in metas:
+        store.put_sync(m, b"x\r\n")
+        store.book.note(m.id, "123-456-1")
+        assert store.fresh(m.id)
+        assert store.load_with_data_sync(m.id) == (m, b"x\r\n")
+    updated, untouched = metas
+    later = replace(updated, recipients=(replace(updated.recipients[0], attempts=2),))
+    asyncio.run(store.update(later))
+    assert store.load_with_data_sync(updated.id) == (later, b"x\r\n")
+    for m in metas:
+        asyncio.run(store.remove(m.id))
+        assert not store.fresh(m.id)
+    assert list(store.msg.iterdir()) == []
