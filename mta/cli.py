@@ -18,7 +18,8 @@ from mta import config as config_mod
 from mta import log, runtime
 from mta.errors import MtaError, SpoolError
 from mta.spool import control
-from mta.spool.store import SpoolStore, describe_os_error
+from mta.spool.files import describe_os_error
+from mta.spool.store import SpoolStore
 from mta.spool.view import header_text, load_all, meta_json
 from mta.spool.view import iso as _iso
 

@@ -187,7 +187,10 @@ class Resolver:
             return Addresses([str(ip)] if ip.version == 4 or ipv6 else [])
         name = to_ascii(host)
         rdtypes = ("AAAA", "A") if ipv6 else ("A",)
-        results = await asyncio.gather(*(self._lookup(name, t) for t in rdtypes), return_exceptions=True)
+        # From the cache when it holds every family: the common case costs no tasks (issue 18).
+        results: list[_Lookup | BaseException] = [hit for t in rdtypes if (hit := self._recall(name, t)) is not None]
+        if len(results) < len(rdtypes):
+            results = await asyncio.gather(*(self._lookup(name, t) for t in rdtypes), return_exceptions=True)
         found: list[str] = []
         failure: DnsTemporaryError | None = None
         secure = True
@@ -232,12 +235,16 @@ class Resolver:
         texts = [b"".join(rd.strings).decode("utf-8", errors="replace") for rd in found.rdatas]  # type: ignore[attr-defined]
         return texts, found.owner or qname
 
+    def _recall(self, name: str, rdtype: str) -> _Lookup | None:
+        entry = self._cache.get((name, rdtype))
+        return entry.value if entry is not None and entry.expires > self._clock() else None
+
     async def _lookup(self, name: str, rdtype: str) -> _Lookup:
         """Ask (or recall) `name`/`rdtype`; all dnspython exceptions are mapped here."""
         key = (name, rdtype)
-        entry = self._cache.get(key)
-        if entry is not None and entry.expires > self._clock():
-            return entry.value
+        hit = self._recall(name, rdtype)
+        if hit is not None:
+            return hit
         what = f"{name} {rdtype}"
         try:
             answer = await self._resolver.resolve(dns.name.from_text(name), rdtype, raise_on_no_answer=False)

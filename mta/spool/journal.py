@@ -329,6 +329,10 @@ class JournalBook:
             self._segment_of[qid] = segment
             self._members.setdefault(segment, set()).add(qid)
 
+    def holds(self, qid: str) -> bool:
+        """`qid` came through a segment that is not checkpointed yet: written seconds ago."""
+        return qid in self._segment_of  # one dict lookup: atomic under the GIL, no lock needed
+
     def done(self, qid: str) -> None:
         """The message's files are gone: mark it so a replay does not bring it back."""
         with self._lock:

@@ -40,8 +40,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mta.errors import CorruptEntry, SpoolError
+from mta.spool.files import fsync_dir
 from mta.spool.state import MessageMeta
-from mta.spool.store import fsync_dir
 
 if TYPE_CHECKING:
     from mta.spool.store import SpoolStore

@@ -42,16 +42,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from mta.errors import CorruptEntry, SpoolError
+from mta.spool.files import describe_os_error, flock_within, fsync_dir, read_noatime, unusable
 from mta.spool.ids import id_created, make_meta, new_id  # noqa: F401 (re-exported: the spool's API)
 from mta.spool.journal import GroupSync, JournalBook, JournalWriter
 from mta.spool.state import MessageMeta
@@ -85,6 +84,10 @@ class SpoolStore:
         # Group commit (journal.py): the submission child opens a writer; the owner keeps the book.
         self.journal: JournalWriter | None = None
         self.segment_of: dict[str, str] = {}
+        # Fresh messages (see `fresh`) this process gave a <id>.json: for the others only <id>.msg
+        # exists, so the hot path skips looking for the rest (lookups in a busy msg/ folder wait
+        # on the folder's blocks while the spool's flushes commit them).
+        self._stated: set[str] = set()
         self.book = JournalBook(self.journal_dir, self.mail_path, self.msg, fsync_dir,
                                 skip_dir="dir" in _UNSAFE_SKIP_FSYNC, skip_file="file" in _UNSAFE_SKIP_FSYNC)
 
@@ -118,7 +121,7 @@ class SpoolStore:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise SpoolError(f"spool {self.root} is not writable: {_unusable(exc)}") from None
+            raise SpoolError(f"spool {self.root} is not writable: {unusable(exc)}") from None
 
     def lock(self) -> None:
         """Take the spool lock; a second `mta serve` on the same spool refuses to start."""
@@ -160,7 +163,7 @@ class SpoolStore:
         instead of losing its half-written files to the scan."""
         fd = os.open(self.root / "lock.writers", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            _flock_within(fd, fcntl.LOCK_EX, timeout,
+            flock_within(fd, fcntl.LOCK_EX, timeout,
                           f"spool {self.root}: an old submission process is still running")
             yield
         finally:
@@ -175,7 +178,7 @@ class SpoolStore:
         except OSError as exc:
             raise SpoolError(describe_os_error(exc)) from None
         try:
-            _flock_within(fd, fcntl.LOCK_SH, timeout, f"spool {self.root}: busy (a starting server is recovering it)")
+            flock_within(fd, fcntl.LOCK_SH, timeout, f"spool {self.root}: busy (a starting server is recovering it)")
             yield
         finally:
             os.close(fd)
@@ -316,6 +319,7 @@ class SpoolStore:
         try:
             self._write_synced(tmp_meta, json.dumps(meta.to_json()).encode())
             os.rename(tmp_meta, self.meta_path(meta.id))
+            self._stated.add(meta.id)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp_meta.unlink()
@@ -338,6 +342,10 @@ class SpoolStore:
         self.book.done(qid)  # after the files: a replay must not bring a finished message back
 
     def _unlink_all(self, qid: str) -> None:
+        if self._only_msg(qid):
+            self.mail_path(qid).unlink(missing_ok=True)
+            return
+        self._stated.discard(qid)
         for p in (self.mail_path(qid), self.meta_path(qid), self.data_path(qid)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -381,12 +389,40 @@ class SpoolStore:
             raise SpoolError(f"no such message {qid}") from None
 
     def load_sync(self, qid: str) -> MessageMeta:
-        raw = self.state_bytes(qid)
+        return self._parse(qid, self.state_bytes(qid))
+
+    @staticmethod
+    def _parse(qid: str, raw: bytes) -> MessageMeta:
         try:
             meta = MessageMeta.from_json(json.loads(raw))
         except (ValueError, CorruptEntry) as exc:
             raise CorruptEntry(f"{qid}: {exc}") from None
         return meta
+
+    def load_with_data_sync(self, qid: str) -> tuple[MessageMeta, bytes]:
+        """Envelope and data with one open of <id>.msg (the delivery hot path needs both)."""
+        raw = b""
+        if not self._only_msg(qid):
+            with contextlib.suppress(FileNotFoundError):
+                raw = self.meta_path(qid).read_bytes()  # an update's newer envelope
+        try:
+            whole = read_noatime(self.mail_path(qid))
+        except FileNotFoundError:  # the old two-file format, or gone (load_sync says which)
+            meta = self.load_sync(qid)
+            return meta, b"" if meta.held or meta.done else self.data_path(qid).read_bytes()
+        _, _, rest = whole.partition(b"\n")  # the length line
+        line, _, data = rest.partition(b"\n")
+        return self._parse(qid, raw or line), data
+
+    def _only_msg(self, qid: str) -> bool:
+        """Certainly no file but <id>.msg: fresh, and never updated by this process (the only
+        writer of a .json while it holds the spool)."""
+        return qid not in self._stated and self.book.holds(qid)
+
+    def fresh(self, qid: str) -> bool:
+        """Written by a submission child seconds ago (its journal segment is not checkpointed):
+        its file is in the page cache, so reading it costs less than a thread hop (issue 18)."""
+        return self.book.holds(qid)
 
     def check_whole(self, qid: str) -> None:
         """CorruptEntry unless <id>.msg (if that is the format) holds its length line, the envelope
@@ -429,7 +465,7 @@ class SpoolStore:
                 return []  # a spool nothing was ever written to
             raise SpoolError(f"spool {self.root} does not exist") from None
         except OSError as exc:
-            raise SpoolError(f"spool {self.root} is not readable: {_unusable(exc)}") from None
+            raise SpoolError(f"spool {self.root} is not readable: {unusable(exc)}") from None
 
     def recover(self) -> Iterator[MessageMeta]:
         """Start-up scan: clean debris, quarantine corrupt entries, yield every message to resume."""
@@ -442,46 +478,3 @@ class SpoolStore:
 def mail_file(envelope: bytes, data: bytes) -> bytes:
     """A <id>.msg file's bytes: length line, envelope line (json.dumps escapes newlines), data."""
     return b"%s %d\n" % (_MAIL_MAGIC, len(data)) + envelope + b"\n" + data
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unusable(exc: OSError) -> str:
-    """Why a spool folder cannot be used, in words an operator acts on."""
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        return "not a directory (a file is in the way)"
-    if exc.errno == errno.EROFS:
-        return "read-only file system"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "disk is full"
-    return str(exc.strerror or exc)
-
-
-def describe_os_error(exc: OSError) -> str:
-    """A spool write failure in words ("spool disk is full" decides 452 over 451 at submission)."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "spool disk is full"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "spool is not writable"
-    return f"spool write failed: {exc.strerror or exc}"
-
-
-def _flock_within(fd: int, operation: int, timeout: float, busy: str) -> None:
-    """Take `operation` (LOCK_EX/LOCK_SH) on `fd`, polling for at most `timeout` s; SpoolError(busy) after."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, operation | fcntl.LOCK_NB)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SpoolError(busy) from None
-            time.sleep(0.02)

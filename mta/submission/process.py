@@ -29,7 +29,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from mta import metrics, runtime
+from mta import log, metrics, runtime
 from mta.config import Config
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
@@ -65,6 +65,7 @@ def spawn(cfg: Config, close_fds: tuple[int, ...] = (), socks: list[socket.socke
         except BaseException:
             traceback.print_exc()
         finally:
+            log.drain()  # the log writer thread's queue dies with os._exit
             sys.stderr.flush()
             os._exit(code)
     os.close(write_fd)

@@ -13,6 +13,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from mta.errors import SpoolError
 from mta.model import RecipientStatus
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore, make_meta
@@ -39,6 +42,7 @@ def test_pwr_3_put_writes_one_file_and_recovers_it(tmp_path: Path) -> None:
     again = {m.id: m for m in SpoolStore(store.root).recover()}
     assert again == {meta.id: meta}
     assert store.read_data_sync(meta.id) == data
+    assert store.load_with_data_sync(meta.id) == (meta, data)  # the delivery path's one read
     assert store.ids() == [meta.id] and store.exists(meta.id)
 
 
@@ -52,9 +56,12 @@ def test_pwr_3_update_overrides_the_envelope_and_remove_leaves_nothing(tmp_path:
     assert store.load_sync(meta.id) == later
     assert [m for m in SpoolStore(store.root).recover()] == [later]
     assert store.read_data_sync(meta.id) == b"x"
+    assert store.load_with_data_sync(meta.id) == (later, b"x")  # the newer envelope wins
     assert store.ids() == [meta.id]
     asyncio.run(store.remove(meta.id))
     assert list(store.msg.iterdir()) == [] and not store.exists(meta.id)
+    with pytest.raises(SpoolError, match="no such message"):
+        store.load_with_data_sync(meta.id)
 
 
 def test_pwr_3_old_two_file_spool_still_loads_updates_and_drains(tmp_path: Path) -> None:
@@ -67,8 +74,13 @@ def test_pwr_3_old_two_file_spool_still_loads_updates_and_drains(tmp_path: Path)
     assert store.ids() == sorted([old.id, new.id])
     assert store.read_data_sync(old.id) == b"old data\r\n" and store.read_data_sync(new.id) == b"new data\r\n"
     done = replace(old, recipients=(replace(old.recipients[0], status=RecipientStatus.DEFERRED, attempts=1),))
+    assert store.load_with_data_sync(old.id) == (old, b"old data\r\n")
     asyncio.run(store.update(done))
     assert store.load_sync(old.id) == done
+    held = replace(done, held=True)
+    asyncio.run(store.update(held))
+    (store.msg / f"{old.id}.eml").unlink()  # a held message's data is not read (nor needed)
+    assert store.load_with_data_sync(old.id) == (held, b"")
     asyncio.run(store.remove(old.id))
     assert sorted(p.name for p in store.msg.iterdir()) == [f"{new.id}.msg"]
 
@@ -99,3 +111,23 @@ def test_pwr_3_state_left_by_an_interrupted_removal_is_dropped(tmp_path: Path) -
     os.unlink(store.mail_path(meta.id))  # removal: the data went first, then the crash
     assert list(store.recover()) == []
     assert list(store.msg.iterdir()) == [] and list(store.corrupt.iterdir()) == []
+
+
+def test_pwr_4_a_fresh_message_is_read_in_one_open_yet_an_update_still_wins(tmp_path: Path) -> None:
+    """The delivery hot path (issue 18): a message noted from a journal segment skips the search
+    for a <id>.json, unless this process wrote one; removal leaves nothing either way."""
+    store = new_store(tmp_path)
+    metas = [make_meta(sender="s@a.test", recipients=["r@b.test"], data=b"x\r\n") for _ in range(2)]
+    for m in metas:
+        store.put_sync(m, b"x\r\n")
+        store.book.note(m.id, "123-456-1")
+        assert store.fresh(m.id)
+        assert store.load_with_data_sync(m.id) == (m, b"x\r\n")
+    updated, untouched = metas
+    later = replace(updated, recipients=(replace(updated.recipients[0], attempts=2),))
+    asyncio.run(store.update(later))
+    assert store.load_with_data_sync(updated.id) == (later, b"x\r\n")
+    for m in metas:
+        asyncio.run(store.remove(m.id))
+        assert not store.fresh(m.id)
+    assert list(store.msg.iterdir()) == []
