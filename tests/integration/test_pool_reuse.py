@@ -50,10 +50,11 @@ class Rig:
         return outcome.kind
 
 
-@pytest.fixture
-async def rig() -> AsyncIterator[Rig]:
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelined"])
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    """Each test twice: with a server that does not offer PIPELINING and with one that does (PERF-6)."""
     with FakeDns() as dns_server:
-        async with FakeMx(MX_IP, hostname=MX_HOST) as mx:
+        async with FakeMx(MX_IP, hostname=MX_HOST, pipelining=request.param) as mx:
             dns_server.zone.add(DOMAIN, "MX", f"10 {MX_HOST}.")
             dns_server.zone.add(MX_HOST, "A", MX_IP)
             resolver = Resolver([dns_server.host], port=dns_server.port, timeout=2.0)
