@@ -23,6 +23,14 @@ final for all; MAIL 4xx, or the connection lost at MAIL, raises so the next host
 (SMTP-23). A lost connection or a timeout after MAIL leaves every recipient without a final
 answer at 451 4.4.2 (SMTP-22, SMTP-32). Every command has its own timeout (SMTP-31, §4.5.3.2).
 
+Pipelining (PERF-6, RFC 2920): when the last EHLO offered PIPELINING, MAIL, every RCPT and DATA
+leave in one write and the replies are read in order, each with its own timeout; the body only
+after 354, and the rules above apply reply by reply. Every command is built before anything is
+written, so an address that cannot be sent is a 553 with nothing sent. After a refused MAIL the
+replies to the RCPTs and DATA (503) are read before the connection may serve again; with nobody
+accepted, DATA's refusal is followed by RSET, and a 354 all the same gets just the terminating dot
+(RFC 2920 §3.1). Replies, pipelined or not, are read by mta.delivery.pipeline.ReplyReader.
+
 A hostile or broken server is contained here: a reply is at most aiosmtplib's 32 KiB (an endless
 multi-line reply fails at once), a refusal must be 4yz/5yz, DATA must get 354 and the end of data
 2yz (RFC 5321 §4.2.1, §4.3.2). Anything else - a code outside the protocol, a malformed or
@@ -40,8 +48,8 @@ from dataclasses import dataclass
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPResponseException, SMTPServerDisconnected
-from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
+from mta.delivery.pipeline import ReplyReader
 from mta.delivery.smtp_connect import (
     CONNECTION_ERRORS,
     REPLY_TEXT_LIMIT,
@@ -57,6 +65,7 @@ from mta.delivery.smtp_connect import (
     quit_quietly,
     remote_reply,
 )
+from mta.delivery.wire import crlf_body, dot_stuffed, mail_command, rcpt_command
 from mta.errors import TransientDeliveryError
 from mta.model import SmtpReply, TlsInfo
 
@@ -92,6 +101,7 @@ class SmtpSession:
         self.peer_size_limit = _size_limit(ext.get("size"))
         self.supports_8bitmime = "8bitmime" in ext
         self.supports_smtputf8 = "smtputf8" in ext
+        self.pipelining = "pipelining" in ext  # RFC 2920: MAIL, RCPTs and DATA in one write (PERF-6)
         self.local_address = local_address(smtp)  # RFC 8460 sending-mta-ip (issue 10 item 11)
         self.last_used = time.monotonic()
         self._usable = True
@@ -155,7 +165,7 @@ class SmtpSession:
     async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes, eight_bit: bool,
                            smtputf8: bool) -> TransactionResult:
         self.last_used = time.monotonic()
-        body = normalize_message_line_endings(data)  # aiosmtplib's CRLF rules (SMTP-26)
+        body = crlf_body(data)  # aiosmtplib's CRLF rules (SMTP-26)
         refusal = self._refusal(len(body), eight_bit, smtputf8)
         if refusal is not None:
             return TransactionResult({r: refusal for r in rcpts})
@@ -166,60 +176,90 @@ class SmtpSession:
             options.append("BODY=8BITMIME")  # RFC 6152
         if smtputf8:
             options.append("SMTPUTF8")  # RFC 6531
-        encoding = "utf-8" if smtputf8 else "ascii"
-        t = self.timeouts
-        self.idle = False
+        # Every command is made before anything is written: a bad address is a 553 with nothing sent.
         try:
-            resp = await self._smtp.mail(mail_from, options=options, encoding=encoding, timeout=t.mail)
-        except SMTPResponseException as exc:
-            if not is_refusal(exc.code):
-                self._broken()
-                raise TransientDeliveryError(protocol_error(self.relay, "MAIL FROM", exc.code, exc.message)) from exc
-            reply = remote_reply(exc.code, exc.message)
-            self.idle = True  # a refused MAIL opens no transaction (RFC 5321 §4.1.1.2)
-            if reply.permanent:  # SMTP-23: 5yz to MAIL is final for every recipient (never cached, SMTP-24)
-                return TransactionResult({r: reply for r in rcpts}, reply)
-            raise TransientDeliveryError(reply) from exc  # SMTP-23: 4yz to MAIL -> next host
-        except ValueError as exc:  # includes UnicodeEncodeError: nothing was sent
-            self.idle = True
+            mail = mail_command(mail_from, options, smtputf8)
+        except ValueError as exc:  # includes UnicodeEncodeError
             reply = SmtpReply(553, f"sender {mail_from!r} cannot be sent: {exc}",
                               "5.6.7" if isinstance(exc, UnicodeError) else "5.1.7")
             return TransactionResult({r: reply for r in rcpts}, reply)
+        replies: dict[str, SmtpReply] = {}
+        envelope: list[tuple[str, bytes]] = []
+        for rcpt in rcpts:
+            try:
+                envelope.append((rcpt, rcpt_command(rcpt, smtputf8)))
+            except ValueError as exc:
+                replies[rcpt] = SmtpReply(553, f"recipient {rcpt!r} cannot be sent: {exc}",
+                                          "5.6.7" if isinstance(exc, UnicodeError) else "5.1.3")
+        if not envelope:
+            return TransactionResult(replies)
+        try:
+            reader = ReplyReader.attach(self._smtp.protocol)
+        except SMTPServerDisconnected as exc:  # gone before MAIL could be written
+            self._broken()
+            self.lost_at_mail = True
+            raise TransientDeliveryError(self._failure(exc, "MAIL FROM")) from exc
+        try:
+            return await self._exchange(reader, mail, envelope, body, replies, rcpts)
+        finally:
+            if not reader.detach():
+                self._broken()  # a reply too many, half a reply or a failure: out of step for good
+
+    async def _exchange(self, reader: ReplyReader, mail: bytes, envelope: list[tuple[str, bytes]], body: bytes,
+                        replies: dict[str, SmtpReply], rcpts: list[str]) -> TransactionResult:
+        """MAIL, RCPTs, DATA: one write when the server offers PIPELINING (PERF-6, RFC 2920), else one by one."""
+        t = self.timeouts
+        self.idle = False
+        pipelined = self.pipelining
+        try:
+            if pipelined:  # RFC 2920 §3.1: DATA is the last command of the group
+                reader.send(b"".join([mail, *(cmd for _, cmd in envelope), b"DATA\r\n"]), len(envelope) + 2)
+            else:
+                reader.send(mail, 1)
+            resp = await reader.reply(t.mail)
         except (*CONNECTION_ERRORS, SMTPException) as exc:
             self._broken()
             self.lost_at_mail = isinstance(exc, SMTPServerDisconnected | ConnectionError)
             raise TransientDeliveryError(self._failure(exc, "MAIL FROM")) from exc
+        if resp.code != 250:
+            if not is_refusal(resp.code):
+                self._broken()
+                raise TransientDeliveryError(protocol_error(self.relay, "MAIL FROM", resp.code, resp.message))
+            reply = remote_reply(resp.code, resp.message)
+            # A refused MAIL opens no transaction (RFC 5321 §4.1.1.2); pipelined, the replies to the
+            # RCPTs and DATA (503) are read first so none is taken for the next command's.
+            self.idle = not pipelined or await self._skip(reader, len(envelope) + 1)
+            if reply.permanent:  # SMTP-23: 5yz to MAIL is final for every recipient (never cached, SMTP-24)
+                return TransactionResult({r: reply for r in rcpts}, reply)
+            raise TransientDeliveryError(reply)  # SMTP-23: 4yz to MAIL -> next host
         mail_reply = remote_reply(resp.code, resp.message)
-        replies: dict[str, SmtpReply] = {}
         accepted: list[str] = []
-        for i, rcpt in enumerate(rcpts):
+        for i, (rcpt, command) in enumerate(envelope):
             try:
-                resp = await self._smtp.rcpt(rcpt, encoding=encoding, timeout=t.rcpt)
-            except SMTPResponseException as exc:
-                if not is_refusal(exc.code):
-                    # Neither accepted nor refused: this and every other open recipient waits (SMTP-22).
-                    self._broken()
-                    odd = protocol_error(self.relay, "RCPT TO", exc.code, exc.message)
-                    replies.update({r: odd for r in [*accepted, *rcpts[i:]]})
-                    return TransactionResult(replies, mail_reply)
-                replies[rcpt] = _rcpt_reply(exc.code, exc.message)
-                continue
-            except ValueError as exc:
-                replies[rcpt] = SmtpReply(553, f"recipient {rcpt!r} cannot be sent: {exc}",
-                                          "5.6.7" if isinstance(exc, UnicodeError) else "5.1.3")
-                continue
+                if not pipelined:
+                    reader.send(command, 1)
+                resp = await reader.reply(t.rcpt)
             except (*CONNECTION_ERRORS, SMTPException) as exc:
                 self._broken()
                 lost = self._failure(exc, "RCPT TO")
-                replies.update({r: lost for r in [*accepted, *rcpts[i:]]})  # SMTP-22
+                replies.update({r: lost for r in [*accepted, *(r for r, _ in envelope[i:])]})  # SMTP-22
                 return TransactionResult(replies, mail_reply)
-            accepted.append(rcpt)
-            replies[rcpt] = remote_reply(resp.code, resp.message)
+            if resp.code in (250, 251):
+                accepted.append(rcpt)
+                replies[rcpt] = remote_reply(resp.code, resp.message)
+            elif is_refusal(resp.code):
+                replies[rcpt] = _rcpt_reply(resp.code, resp.message)
+            else:
+                # Neither accepted nor refused: this and every other open recipient waits (SMTP-22).
+                self._broken()
+                odd = protocol_error(self.relay, "RCPT TO", resp.code, resp.message)
+                replies.update({r: odd for r in [*accepted, *(r for r, _ in envelope[i:])]})
+                return TransactionResult(replies, mail_reply)
         if not accepted:
-            await self._rset_quietly()  # SMTP-20: nobody to send to, so no DATA
+            await self._abandon(reader, pipelined)  # SMTP-20: nobody to send to, so no message
             return TransactionResult(replies, mail_reply)
         try:
-            data_reply = await self._data(body)
+            data_reply = await self._data(reader, body, pipelined)
         except (*CONNECTION_ERRORS, SMTPException) as exc:
             self._broken()
             lost = self._failure(exc, "DATA")  # SMTP-32: may duplicate, never bounce
@@ -228,6 +268,49 @@ class SmtpSession:
         replies.update({r: data_reply for r in accepted})  # SMTP-21
         self.last_used = time.monotonic()
         return TransactionResult(replies, mail_reply, data_reply)
+
+    async def _skip(self, reader: ReplyReader, count: int) -> bool:
+        """Read the replies to the rest of a pipelined group after MAIL was refused; True if it ended cleanly."""
+        try:
+            for i in range(count):
+                resp = await reader.reply(self.timeouts.data_init if i == count - 1 else self.timeouts.rcpt)
+                if resp.code == 354 or not is_refusal(resp.code):
+                    break  # DATA accepted without a transaction, or nonsense: this server is out of step
+            else:
+                return True
+        except (*CONNECTION_ERRORS, SMTPException):
+            pass
+        self._broken()
+        return False
+
+    async def _abandon(self, reader: ReplyReader, pipelined: bool) -> None:
+        """No recipient accepted (SMTP-20): end the transaction without a message, then RSET.
+
+        Pipelined, DATA was already sent: its refusal (503/554) is read; if the server said 354 all
+        the same, only the terminating dot is sent (RFC 2920 §3.1) and its reply ends the transaction.
+        """
+        t = self.timeouts
+        try:
+            if pipelined:
+                resp = await reader.reply(t.data_init)
+                if resp.code == 354:
+                    reader.send(b".\r\n", 1)
+                    resp = await reader.reply(t.data_final)
+                    if 200 <= resp.code <= 599:
+                        self.idle = True
+                        return
+                if not is_refusal(resp.code):
+                    self._broken()
+                    return
+            reader.send(b"RSET\r\n", 1)
+            resp = await reader.reply(t.mail)
+        except (*CONNECTION_ERRORS, SMTPException):
+            self._broken()
+            return
+        if resp.code != 250:
+            self._broken()
+            return
+        self.idle = True
 
     def _refusal(self, size: int, eight_bit: bool, smtputf8: bool) -> SmtpReply | None:
         """A permanent reply when this peer cannot take the message as it is (nothing is sent)."""
@@ -241,30 +324,26 @@ class SmtpSession:
                              "5.6.7")
         return None
 
-    async def _data(self, body: bytes) -> SmtpReply:
+    async def _data(self, reader: ReplyReader, body: bytes, pipelined: bool) -> SmtpReply:
         """DATA with its three timeouts (SMTP-31): 354, each block written, final reply.
 
         aiosmtplib's public `data()` has one timeout for all of it and hands the whole body to the
         transport without waiting (tests/integration/test_library_gaps.py), so the steps are spelt
-        out with the protocol's own pieces: its CRLF normaliser and dot-stuffing regex (SMTP-25),
-        `SMTPProtocol.write`/`read_response`, and - the one private name - the flow-control wait
-        `_drain_helper` that asyncio's StreamWriter.drain() uses too, which gives the per-block timeout.
+        out here: each block waits while the transport's buffer is full, as StreamWriter.drain() does.
         """
         t = self.timeouts
-        resp = await self._smtp.execute_command(b"DATA", timeout=t.data_init)
+        if not pipelined:
+            reader.send(b"DATA\r\n", 1)
+        resp = await reader.reply(t.data_init)
         if resp.code != 354:
             return self._refusal_or_error(resp.code, resp.message, "DATA")
-        protocol = self._smtp.protocol
-        if protocol is None:
-            raise SMTPServerDisconnected("Connection lost")
-        payload = PERIOD_REGEX.sub(b"..", body) + b".\r\n"
+        payload = dot_stuffed(body)  # SMTP-25
         for start in range(0, len(payload), _DATA_CHUNK):
-            protocol.write(payload[start:start + _DATA_CHUNK])
-            if start + _DATA_CHUNK < len(payload):
-                # Flow control as StreamWriter.drain() does it; aiosmtplib keeps it in _drain_helper.
-                await asyncio.wait_for(protocol._drain_helper(), t.data_block)
-        # No await between the last write and this read, so the reply cannot slip past the reader.
-        resp = await protocol.read_response(timeout=t.data_final)
+            last = start + _DATA_CHUNK >= len(payload)
+            reader.send(payload[start:start + _DATA_CHUNK], 1 if last else 0)
+            if not last:
+                await reader.drain(t.data_block)
+        resp = await reader.reply(t.data_final)
         self.idle = True  # the reply to the end of data, whatever it says, ends the transaction (§4.1.1.4)
         if 200 <= resp.code <= 299:
             return remote_reply(resp.code, resp.message)
@@ -299,10 +378,6 @@ class SmtpSession:
     @property
     def usable(self) -> bool:
         return self._usable and self._smtp.is_connected
-
-    async def _rset_quietly(self) -> None:
-        if not await self.reset():
-            self._broken()
 
     def _broken(self) -> None:
         self._usable = False

@@ -18,7 +18,8 @@ Behaviour knobs (constructor keywords, also plain attributes a test may change b
 - ``drop_after``: a verb (or ``DATA_END``) at which the server closes without replying.
 - ``stall_at``: a verb (or ``DATA_END``) at which the server never replies.
 - ``size_limit``: advertised and enforced ``SIZE`` (None: not advertised).
-- ``eightbitmime`` (default True) / ``smtputf8`` (default False): advertised extensions.
+- ``eightbitmime`` (default True) / ``smtputf8`` (default False) / ``pipelining`` (default False,
+  RFC 2920; aiosmtpd answers pipelined commands in order either way): advertised extensions.
 - ``credentials``: ``{user: password}`` enables AUTH PLAIN/LOGIN (over TLS if ``tls_context``).
 
 Transcript: ``sessions`` (one ``MxSession`` per TCP connection: connect time, peer, EHLO/HELO
@@ -120,6 +121,8 @@ class _Handler:
         lines = [r[4:] for r in responses]
         if not self.fake.eightbitmime:
             lines = [x for x in lines if x.upper() != "8BITMIME"]
+        if self.fake.pipelining:
+            lines.insert(-1, "PIPELINING")
         if self.fake.broken_tls and not server.record.starttls and "STARTTLS" not in lines:
             lines.insert(-1, "STARTTLS")
         return [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
@@ -279,7 +282,7 @@ class FakeMx:
                  rcpt_replies: dict[str, str] | None = None, max_rcpts: int | None = None,
                  drop_after: str | None = None, stall_at: str | None = None, size_limit: int | None = None,
                  eightbitmime: bool = True, smtputf8: bool = False, credentials: dict[str, str] | None = None,
-                 idle_timeout: float = 30.0) -> None:
+                 idle_timeout: float = 30.0, pipelining: bool = False) -> None:
         self.address = address
         self._port = port
         self.hostname = hostname
@@ -296,6 +299,7 @@ class FakeMx:
         self.size_limit = size_limit
         self.eightbitmime = eightbitmime
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining
         self.credentials = credentials
         self.idle_timeout = idle_timeout
         self.sessions: list[MxSession] = []

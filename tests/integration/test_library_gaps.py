@@ -4,6 +4,7 @@ what the library's public API cannot do; the comment at our code names the test.
 - net/tls.py: PEM bundle loading, the peer's chain, the DNS-ID matcher.
 - net/dns.py: the answer cache (dnspython's Cache/LRUCache).
 - delivery/smtp_client.py: DATA with its own timeouts (aiosmtplib's data()).
+- delivery/pipeline.py: reading pipelined replies (aiosmtplib's SMTPProtocol).
 - submission/listener.py: the DATA reader (aiosmtpd's smtp_DATA).
 """
 
@@ -129,6 +130,57 @@ def test_aiosmtplib_data_has_one_timeout_for_every_step() -> None:
     assert [p for p in params if p != "self"] == ["message", "timeout"]
     source = inspect.getsource(aiosmtplib.protocol.SMTPProtocol.execute_data_command)
     assert source.count("read_response(timeout=timeout)") == 2 and "drain" not in source
+
+
+async def _two_replies(chunks: list[bytes]) -> tuple[str, type[BaseException] | str]:
+    """aiosmtplib's protocol after writing two commands at once (RFC 2920) to a server that answers
+    with `chunks` (written 50 ms apart): the first reply's text, then the second's or what was raised
+    (a pipelining client reads the second reply after handling the first)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw.test\r\n")
+        await reader.readline()
+        writer.write(b"250 raw.test\r\n")  # EHLO
+        await reader.readline()
+        await reader.readline()
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(serve, ADDR, 0)
+    smtp = aiosmtplib.SMTP(hostname=ADDR, port=server.sockets[0].getsockname()[1], start_tls=False, timeout=2)
+    try:
+        await smtp.connect()
+        await smtp.ehlo(hostname="relay.test")
+        protocol = smtp.protocol
+        assert protocol is not None
+        protocol.write(b"MAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\n")
+        first = (await protocol.read_response(timeout=1)).message
+        await asyncio.sleep(0.2)  # the client handles the first reply; the second arrives meanwhile
+        try:
+            second: type[BaseException] | str = (await protocol.read_response(timeout=0.5)).message
+        except aiosmtplib.SMTPReadTimeoutError as exc:
+            second = type(exc)
+        return first, second
+    finally:
+        smtp.close()
+        server.close()
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"250 one\r\n250 two\r\n"],  # both replies in one segment: the second is never parsed
+    [b"250 one\r\n", b"250 two\r\n"],  # the second arrives while the first awaits pickup: dropped
+])
+async def test_aiosmtplib_protocol_cannot_read_pipelined_replies(chunks: list[bytes]) -> None:
+    """PERF-6: SMTPProtocol reads one reply per command it writes itself. With MAIL and RCPT written
+    together the second reply is lost (or kept unparsed, to be mis-paired with a later command), so
+    mta.delivery.pipeline.ReplyReader reads a transaction's replies in aiosmtplib's protocol's place."""
+    first, second = await _two_replies(chunks)
+    assert first == "one"
+    assert second is aiosmtplib.SMTPReadTimeoutError
 
 
 # --- submission/listener.py --------------------------------------------------------------------------------
