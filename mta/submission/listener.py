@@ -41,6 +41,11 @@ from mta.submission.handler import PendingCheck, SubmissionHandler, hook_names
 _BACKLOG = 1024  # asyncio's default 100 lets a burst of connects sit in SYN_RECV for seconds
 _AUTH_DELAY_STEPS = 8  # the delay stops growing after this many failures
 _TRACKED_PEERS = 10000  # memory bound of the failure table
+# DATA is read in blocks of up to this many octets (a block ends at `.` CRLF); the stream reader's
+# limit, so also what a command line may buffer before aiosmtpd calls it too long (it then checks
+# the RFC 5321 command length itself). Lines of data keep RFC 5321's 1000 octets (SMTP-27).
+READ_LIMIT = 16 * 1024
+DATA_LINE_LIMIT = 1001  # with its CRLF, as aiosmtpd counts
 STRESS_SHARE = 0.8  # above this share of max_connections in use, idle clients get the short timeout
 # The common MAIL/RCPT argument, `<dot-atom@dot-atom>` and maybe parameters (RFC 5321 §4.1.2),
 # for which the email package's parser (what aiosmtpd uses) returns the text between the angle
@@ -131,6 +136,8 @@ class _Limits:
 
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with a connection cap, AUTH failure delays and a memory-bounded DATA."""
+
+    line_length_limit = READ_LIMIT  # aiosmtpd's name for the stream reader's limit (see READ_LIMIT)
 
     def __init__(self, handler: SubmissionHandler, limits: _Limits, listener: str = "smtp", **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -268,27 +275,7 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         limit = self.data_size_limit or 0
-        kept: list[bytes] = []
-        size = 0
-        too_long = False
-        at_line_start = True
-        while self.transport is not None:
-            try:
-                chunk = await self._reader.readuntil(b"\r\n")
-                complete = True
-            except asyncio.LimitOverrunError as exc:
-                # No CRLF within the reader's limit: this line is too long; read a piece and drop it.
-                chunk = await self._reader.read(exc.consumed)
-                complete = False
-            if at_line_start and chunk == b".\r\n":
-                break
-            size += len(chunk)
-            too_long = too_long or not complete or len(chunk) > self.line_length_limit
-            if too_long or (limit and size > limit):
-                kept.clear()  # refused anyway: hold nothing more
-            elif at_line_start:
-                kept.append(chunk[1:] if chunk.startswith(b".") else chunk)  # §4.5.2 transparency
-            at_line_start = complete
+        content, size, too_long = await self._read_data(limit)
         if limit and size > limit:
             status: Any = "552 5.3.4 Message size exceeds fixed maximum message size"
             metrics.message_rejected(status)
@@ -296,14 +283,60 @@ class RelaySMTP(SMTP):
             status = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
             metrics.message_rejected(status)
         else:
-            content = b"".join(kept)
-            kept.clear()
             self.envelope.content = content
             self.envelope.original_content = content
             status = await self._call_handler_hook("DATA")
             status = "250 OK" if status is MISSING else status
         self._set_post_data_state()
         await self.push(status)
+
+
+    async def _read_data(self, limit: int) -> tuple[bytes, int, bool]:
+        """The data up to `.` CRLF at a line start, dot-unstuffed; its size; whether a line was too long.
+
+        Read in blocks that end at `.` CRLF (the reader's limit is READ_LIMIT, not a line), not a
+        line at a time: one await per block instead of one per line (issue 18). The rules are a
+        line's: a line ends at CRLF only, the data ends at `.` CRLF only at a line start, a line
+        over DATA_LINE_LIMIT octets with its CRLF is too long (SMTP-27), and once the size passes
+        `limit` nothing more is kept (the reply is a refusal anyway).
+        """
+        kept: list[bytes] = []
+        size = 0  # octets before the terminator, as the client sent them
+        tail = b""  # the last two octets read before the current block
+        while True:
+            try:
+                block = await self._reader.readuntil(b".\r\n")
+                ends_with_dot = True
+            except asyncio.LimitOverrunError as exc:
+                block = await self._reader.read(exc.consumed)  # no `.` CRLF within READ_LIMIT
+                ends_with_dot = False
+            if ends_with_dot:
+                before = block[:-3]
+                if (tail + before)[-2:] == b"\r\n" or (size == 0 and not before):
+                    block = before  # `.` CRLF at a line start: the end of the data
+                    size += len(block)
+                    if not (limit and size > limit):
+                        kept.append(block)
+                    break
+            size += len(block)
+            tail = (tail + block)[-2:]
+            if limit and size > limit:
+                kept.clear()  # refused anyway: hold nothing more
+            else:
+                kept.append(block)
+        if limit and size > limit:
+            return b"", size, False
+        data = b"".join(kept)
+        kept.clear()
+        lines = data.split(b"\r\n")
+        # Every line but the last has its CRLF; the last is empty for a well-formed message (a
+        # last line without CRLF before the terminator cannot exist: the terminator starts one).
+        too_long = bool(lines) and max(map(len, lines)) + 2 > DATA_LINE_LIMIT
+        if too_long:
+            return b"", size, True
+        if data.startswith(b"."):  # §4.5.2 transparency: one leading dot off every line
+            data = data[1:]
+        return data.replace(b"\r\n.", b"\r\n"), size, False
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:

@@ -3,6 +3,9 @@
 
 - `RelaySMTP._getaddr` (MAIL/RCPT argument) equals aiosmtpd's `SMTP._getaddr` on any input,
   including the plain `<local@domain> PARAMS` form it takes apart without the email parser.
+- DATA read in blocks ending at `.` CRLF (`RelaySMTP._read_data`) gives what reading it a line at a
+  time gives (the rule of RFC 5321 §4.1.1.4 / §4.5.2, SMTP-26/27) for any data, any size limit and
+  any way the bytes are cut into TCP segments, and leaves what follows the terminator unread.
 - The trimmed `dir()` of the protocol and the handler still gives aiosmtpd every smtp_*, auth_*
   and handle_* name it would have found with the full listing.
 """
@@ -22,7 +25,7 @@ from hypothesis import strategies as st
 from mta import config
 from mta.spool.store import SpoolStore
 from mta.submission.handler import SubmissionHandler
-from mta.submission.listener import Listeners, RelaySMTP
+from mta.submission.listener import DATA_LINE_LIMIT, READ_LIMIT, Listeners, RelaySMTP
 
 _PIECES = st.sampled_from(["<", ">", "@", ".", " ", "\t", "a", "Z", "0", "-", "+", "=", "\"", "\\", "(", ")",
                            "[", "]", ",", ":", ";", "é", "SIZE=10", "BODY=8BITMIME", "user", "example.org"])
@@ -82,3 +85,56 @@ async def test_hook_set_on_the_handler_instance_is_still_found(tmp_path: Path) -
     handler.handle_RSET = handle_RSET  # type: ignore[attr-defined]
     proto = Listeners(cfg.submission, cfg.hostname, handler).protocol()
     assert proto._handle_hooks["RSET"] is handle_RSET
+
+
+def _by_lines(stream: bytes, limit: int) -> tuple[bytes, int, bool, bytes]:
+    """The reference: one CRLF-ended line at a time; (content, size, too long, what is left)."""
+    kept, size, too_long, pos = [], 0, False, 0
+    while True:
+        end = stream.find(b"\r\n", pos)
+        line = stream[pos:end + 2]
+        pos = end + 2
+        if line == b".\r\n":
+            break
+        size += len(line)
+        too_long = too_long or len(line) > DATA_LINE_LIMIT
+        kept.append(line[1:] if line.startswith(b".") else line)
+    if limit and size > limit:
+        return b"", size, False, stream[pos:]
+    if too_long:
+        return b"", size, True, stream[pos:]
+    return b"".join(kept), size, False, stream[pos:]
+
+
+_DATA_PIECES = st.sampled_from([b"\r\n", b".", b"..", b"\r", b"\n", b"a", b"Subject: x", b"\r\n.\r", b".\r\n",
+                                b"x" * 200, b"y" * 1100, b"\r\n..\r\n", b"\xff"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_DATA_PIECES, max_size=30).map(b"".join), st.sampled_from([0, 50, 3000]),
+       st.lists(st.integers(1, 40), max_size=8), st.sampled_from([b"", b"QUIT\r\n", b".\r\nMAIL"]))
+@example(b"", 0, [], b"QUIT\r\n")
+@example(b".", 0, [1, 1], b"")
+@example(b"..\r\n.a\r\nb.\r\n", 0, [], b"")
+@example(b"x" * (READ_LIMIT * 2 + 5) + b"\r\n", 0, [], b"")
+@example(b"x" * 999 + b"\r\n" + b"y" * 1000 + b"\r\n", 0, [], b"")
+def test_data_read_in_blocks_equals_reading_it_a_line_at_a_time(data: bytes, limit: int, cuts: list[int],
+                                                                after: bytes) -> None:
+    # The message as a client sends it: its lines, then the terminator at a line start.
+    stream = data + (b"" if not data or data.endswith(b"\r\n") else b"\r\n") + b".\r\n" + after
+
+    async def run() -> tuple[bytes, int, bool, bytes]:
+        reader = asyncio.StreamReader(limit=READ_LIMIT)
+        self = SimpleNamespace(_reader=reader)
+        task = asyncio.ensure_future(RelaySMTP._read_data(self, limit))  # type: ignore[arg-type]
+        pos = 0
+        for cut in [*cuts, len(stream)]:  # the bytes arrive in these segments
+            reader.feed_data(stream[pos:pos + cut])
+            pos += cut
+            await asyncio.sleep(0)
+        reader.feed_data(stream[pos:])
+        reader.feed_eof()
+        content, size, too_long = await asyncio.wait_for(task, 5)
+        return content, size, too_long, await reader.read()
+
+    assert asyncio.run(run()) == _by_lines(stream, limit)
