@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 
-from mta import log, metrics
+from mta import log, metrics, runtime
 from mta.config import DeliveryConfig
 from mta.delivery.attempt import AttemptContext, deliver_domain
 from mta.delivery.dsn import FailedRecipient, bounce_recipient, build_dsn, should_bounce
@@ -98,7 +98,7 @@ class Worker:
             if self.store.fresh(qid):
                 meta, data = self._load(qid)  # in the page cache: cheaper than a thread hop (issue 18)
             else:
-                meta, data = await asyncio.to_thread(self._load, qid)
+                meta, data = await runtime.offload(self._load, qid)
         except SpoolError as exc:
             _log.error("cannot load %s: %s", qid, exc)
             return None

@@ -34,8 +34,9 @@ Failure model (what a crash or power cut at any moment leaves, cf. maddy's queue
   would remain, so state updates and DSNs of mail already accepted still fit when clients are
   what fills the disk (cf. Postfix's queue_minfree).
 
-All blocking calls run in worker threads (asyncio.to_thread) so the event loop never waits on
-the disk.
+All blocking calls run in worker threads (runtime.offload on the mail path, asyncio.to_thread
+elsewhere) so the event loop never waits on the disk; the exception is a fresh message's read
+(`fresh`), which is in the page cache.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from mta import runtime
 from mta.errors import CorruptEntry, SpoolError
 from mta.spool.files import describe_os_error, flock_within, fsync_dir, read_noatime, unusable
 from mta.spool.ids import id_created, make_meta, new_id  # noqa: F401 (re-exported: the spool's API)
@@ -271,7 +273,7 @@ class SpoolStore:
 
         `reserve`: refuse (SpoolError "spool disk is full") unless that many bytes would stay free.
         """
-        await asyncio.to_thread(self._put_durably, meta, data, reserve)
+        await runtime.offload(self._put_durably, meta, data, reserve)
 
     def put_sync(self, meta: MessageMeta, data: bytes, *, reserve: int = 0) -> str:
         """`put`, blocking: for callers already in a worker thread (submission) or without a loop
@@ -327,7 +329,7 @@ class SpoolStore:
 
     async def update(self, meta: MessageMeta) -> None:
         """Replace a message's state atomically (old or new, never torn)."""
-        await asyncio.to_thread(self._update_durably, meta)
+        await runtime.offload(self._update_durably, meta)
 
     def _update_durably(self, meta: MessageMeta) -> None:
         self._update_sync(meta)
@@ -371,7 +373,7 @@ class SpoolStore:
 
     async def remove(self, qid: str) -> None:
         """Forget a message whose recipients are all final (meta first: it is the commit point)."""
-        await asyncio.to_thread(self._discard, qid)
+        await runtime.offload(self._discard, qid)
 
     # -- reading -------------------------------------------------------------------------------
 

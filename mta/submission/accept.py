@@ -13,12 +13,11 @@ loop never waits on either, and a message costs a single thread hop.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
 
-from mta import log
+from mta import log, runtime
 from mta.dkim.signer import Signer
 from mta.errors import MtaError
 from mta.spool.state import MessageMeta
@@ -86,4 +85,4 @@ class Acceptor:
         """The whole path; signing and the durable write run in a worker thread (SMTP handler)."""
         now = time.time() if now is None else now
         data = self.prepare(sub, now)
-        return await asyncio.to_thread(self.store_sync, sub, data, now)
+        return await runtime.offload(self.store_sync, sub, data, now)
