@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import email.utils
 import functools
 import inspect
 import ipaddress
@@ -43,6 +42,7 @@ from mta.submission.headers import (  # noqa: F401  (re-exported: tests and call
     add_submission_headers,
     header_block,
     normalise_line_ends,
+    rfc5322_date,
 )
 
 _LABEL_CHAR = r"[A-Za-z0-9\u0080-\U0010ffff]"
@@ -129,9 +129,11 @@ class SubmissionHandler:
         self.networks = cfg.networks
 
     def __dir__(self) -> list[str]:
-        # aiosmtpd looks for handle_*/auth_* with dir() on every connection: list only those
-        # (RelaySMTP.__dir__ says why).
-        return hook_names(self, ("handle_", "auth_"))
+        # aiosmtpd looks for handle_*/auth_* with dir() on every connection: list only those,
+        # and nothing while RelaySMTP binds what it found before (RelaySMTP.__init__ says why).
+        return [] if self._bare else hook_names(self, ("handle_", "auth_"))
+
+    _bare = False
 
     def may_relay(self, session: Session) -> bool:
         if session.authenticated:
@@ -192,7 +194,7 @@ class SubmissionHandler:
         # One recipient: name it (as Postfix does); several: naming them would leak Bcc.
         for_part = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
         received = (f"from {helo} ([{peer}])\r\n\tby {self.hostname} (mta) with {proto}{for_part};"
-                    f"\r\n\t{email.utils.formatdate(now)}")
+                    f"\r\n\t{rfc5322_date(now)}")
         options = {o.upper() for o in envelope.mail_options}
         sub = Submission(sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
                          recipients=tuple(envelope.rcpt_tos), raw=raw, received=received,

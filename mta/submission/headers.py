@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import email.utils
+import functools
+import math
 import re
 
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
@@ -41,6 +43,19 @@ def _field_bytes(text: str) -> bytes:
         return text.encode("utf-8", "replace")
 
 
+def rfc5322_date(now: float) -> str:
+    """email.utils.formatdate(now), made once per second (it shows whole seconds only)."""
+    second = math.floor(now)
+    if now - second < 0.999:
+        return _date_of_second(second)
+    return email.utils.formatdate(now)  # it rounds to microseconds, which may carry into the next second
+
+
+@functools.lru_cache(maxsize=4)
+def _date_of_second(second: int) -> str:
+    return email.utils.formatdate(second)
+
+
 def add_submission_headers(data: bytes, *, received: str, hostname: str, now: float) -> bytes:
     """Prepend Received:, add Message-ID and Date when the client left them out (RFC 6409 §8)."""
     names = {m.group(1).lower() for m in _HEADER_NAME.finditer(header_block(data))}
@@ -48,7 +63,7 @@ def add_submission_headers(data: bytes, *, received: str, hostname: str, now: fl
     if b"message-id" not in names:
         extra.append(f"Message-ID: {email.utils.make_msgid(domain=hostname)}")
     if b"date" not in names:
-        extra.append(f"Date: {email.utils.formatdate(now)}")
+        extra.append(f"Date: {rfc5322_date(now)}")
     if not data.startswith(b"\r\n") and not _HEADER_NAME.match(data):
         # No header section at all: keep the body a body.
         data = b"\r\n" + data

@@ -24,11 +24,12 @@ import re
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, _AuthMechAttr, syntax
 
 from mta import metrics
 from mta.config import Config, SubmissionConfig, parse_hostport
@@ -140,7 +141,25 @@ class RelaySMTP(SMTP):
     line_length_limit = READ_LIMIT  # aiosmtpd's name for the stream reader's limit (see READ_LIMIT)
 
     def __init__(self, handler: SubmissionHandler, limits: _Limits, listener: str = "smtp", **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+        cache: dict[tuple[type, tuple[str, ...]], _Hooks] = handler.__dict__.setdefault("_hooks_found", {})
+        key = (type(self), tuple(name for name in vars(handler) if name.startswith(("handle_", "auth_"))))
+        found = cache.get(key)
+        if found is None:
+            super().__init__(handler, **kwargs)
+            cache[key] = _Hooks.of(self)
+        else:
+            # aiosmtpd finds its smtp_*/auth_*/handle_* names by introspection in __init__, on every
+            # connection (a tenth of the listener's CPU for a message on its own connection). They
+            # depend only on the class and the handler, so after the first connection __init__
+            # runs with nothing to find (`_bare`) and the names found the first time are bound here.
+            self._bare = True
+            handler._bare = True
+            try:
+                super().__init__(handler, **kwargs)
+            finally:
+                self._bare = False
+                handler._bare = False
+            found.bind(self)
         self._limits = limits
         self._counted = False
         self._client = ""
@@ -151,7 +170,9 @@ class RelaySMTP(SMTP):
     # (about 0.1 ms, a tenth of the CPU of a message that comes on its own connection). It only
     # looks for names with these prefixes, so dir() lists just those (computed once per class).
     def __dir__(self) -> list[str]:
-        return hook_names(self, ("smtp_", "auth_", "handle_"))
+        return [] if self._bare else hook_names(self, ("smtp_", "auth_", "handle_"))
+
+    _bare = False
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's MAIL/RCPT address parser (same results), without its per-call cost.
@@ -337,6 +358,30 @@ class RelaySMTP(SMTP):
         if data.startswith(b"."):  # §4.5.2 transparency: one leading dot off every line
             data = data[1:]
         return data.replace(b"\r\n.", b"\r\n"), size, False
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    """What aiosmtpd's SMTP.__init__ found for one protocol class and handler, by name."""
+
+    smtp: tuple[tuple[str, str], ...]  # (command, method name) of the protocol
+    auth: tuple[tuple[str, str, bool], ...]  # (mechanism, method name, on the protocol itself)
+    handle: dict[str, Callable[..., Any]]  # the handler's hooks, already bound to it
+    ehlo_version: str | None
+
+    @classmethod
+    def of(cls, proto: SMTP) -> _Hooks:
+        smtp = tuple((cmd, meth.__name__) for cmd, meth in proto._smtp_methods.items())
+        auth = tuple((mech, attr.method.__name__, attr.is_builtin) for mech, attr in proto._auth_methods.items())
+        return cls(smtp, auth, dict(proto._handle_hooks), proto._ehlo_hook_ver)
+
+    def bind(self, proto: SMTP) -> None:
+        handler = proto.event_handler
+        proto._smtp_methods = {cmd: getattr(proto, name) for cmd, name in self.smtp}
+        proto._auth_methods = {mech: _AuthMechAttr(getattr(proto if builtin else handler, name), builtin)
+                               for mech, name, builtin in self.auth}
+        proto._handle_hooks = dict(self.handle)
+        proto._ehlo_hook_ver = self.ehlo_version
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:

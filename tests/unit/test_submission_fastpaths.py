@@ -7,12 +7,14 @@
   time gives (the rule of RFC 5321 §4.1.1.4 / §4.5.2, SMTP-26/27) for any data, any size limit and
   any way the bytes are cut into TCP segments, and leaves what follows the terminator unread.
 - The trimmed `dir()` of the protocol and the handler still gives aiosmtpd every smtp_*, auth_*
-  and handle_* name it would have found with the full listing.
+  and handle_* name it would have found with the full listing, and the protocols after the first
+  one of a listener get the same names bound to themselves without aiosmtpd's introspection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import inspect
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 from mta import config
 from mta.spool.store import SpoolStore
 from mta.submission.handler import SubmissionHandler
+from mta.submission.headers import rfc5322_date
 from mta.submission.listener import DATA_LINE_LIMIT, READ_LIMIT, Listeners, RelaySMTP
 
 _PIECES = st.sampled_from(["<", ">", "@", ".", " ", "\t", "a", "Z", "0", "-", "+", "=", "\"", "\\", "(", ")",
@@ -61,15 +64,24 @@ async def test_hook_discovery_unchanged_by_short_dir(tmp_path: Path) -> None:
     cfg = config.from_dict({"hostname": "relay.test", "queue": {"path": str(tmp_path / "q")},
                             "submission": {"listen": ["127.0.0.1:0"]}})
     handler = SubmissionHandler(cfg.submission, cfg.hostname, SpoolStore(cfg.queue.path), lambda meta: None)
-    proto = Listeners(cfg.submission, cfg.hostname, handler).protocol()
-    assert isinstance(proto, RelaySMTP)
-    full_proto, full_handler = object.__dir__(proto), object.__dir__(handler)
-    assert set(proto._smtp_methods) == {n[5:] for n in full_proto if n.startswith("smtp_")}
-    assert set(proto._handle_hooks) == {n[7:] for n in full_handler if n.startswith("handle_")}
-    assert {"EHLO", "MAIL", "RCPT", "DATA"} <= set(proto._handle_hooks)
-    expected_auth = {n for n in [*full_proto, *full_handler] if n.startswith("auth_")}
-    assert {m.method.__name__ for m in proto._auth_methods.values()} == expected_auth
-    assert proto._ehlo_hook_ver == "new"
+    listeners = Listeners(cfg.submission, cfg.hostname, handler)
+    # The first connection's protocol runs aiosmtpd's discovery; the next ones bind what it found.
+    first, second = listeners.protocol(), listeners.protocol()
+    for proto in (first, second):
+        assert isinstance(proto, RelaySMTP)
+        full_proto, full_handler = object.__dir__(proto), object.__dir__(handler)
+        assert set(proto._smtp_methods) == {n[5:] for n in full_proto if n.startswith("smtp_")}
+        assert all(m.__self__ is proto for m in proto._smtp_methods.values())  # bound to this connection
+        assert set(proto._handle_hooks) == {n[7:] for n in full_handler if n.startswith("handle_")}
+        assert {"EHLO", "MAIL", "RCPT", "DATA"} <= set(proto._handle_hooks)
+        expected_auth = {n for n in [*full_proto, *full_handler] if n.startswith("auth_")}
+        assert {m.method.__name__ for m in proto._auth_methods.values()} == expected_auth
+        assert all(m.method.__self__ is (proto if m.is_builtin else handler) for m in proto._auth_methods.values())
+        assert proto._ehlo_hook_ver == "new"
+    assert first._auth_methods.keys() == second._auth_methods.keys()
+    assert {k: m.__func__ for k, m in first._smtp_methods.items()} == {
+        k: m.__func__ for k, m in second._smtp_methods.items()}
+    assert dir(second) and dir(handler)  # the short listing is back after construction
     assert len(inspect.signature(handler.handle_EHLO).parameters) == 5
     await asyncio.sleep(0)
 
@@ -82,8 +94,10 @@ async def test_hook_set_on_the_handler_instance_is_still_found(tmp_path: Path) -
     async def handle_RSET(*args: Any) -> str:
         return "250 2.0.0 Ok"
 
+    listeners = Listeners(cfg.submission, cfg.hostname, handler)
+    assert "RSET" not in listeners.protocol()._handle_hooks
     handler.handle_RSET = handle_RSET  # type: ignore[attr-defined]
-    proto = Listeners(cfg.submission, cfg.hostname, handler).protocol()
+    proto = listeners.protocol()
     assert proto._handle_hooks["RSET"] is handle_RSET
 
 
@@ -138,3 +152,11 @@ def test_data_read_in_blocks_equals_reading_it_a_line_at_a_time(data: bytes, lim
         return content, size, too_long, await reader.read()
 
     assert asyncio.run(run()) == _by_lines(stream, limit)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+@example(1_764_720_000.999999)
+@example(0.0)
+def test_date_made_once_per_second_equals_formatdate(now: float) -> None:
+    assert rfc5322_date(now) == email.utils.formatdate(now)
