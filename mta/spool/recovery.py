@@ -142,6 +142,20 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def yield_cpu() -> None:
+    """Leave the CPU to delivery and submission (PERF-4): SCHED_IDLE where the kernel allows it,
+    so the scan runs on what nobody else wants (at 1,100 msg/s of new mail a nice 10 scan still
+    took half the rate), else nice. SCHED_IDLE keeps a small share, so the scan still ends on a
+    machine that is never idle, only later; its reports are retries, new mail is not waiting."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (OSError, AttributeError):
+        pass
+    with contextlib.suppress(OSError):
+        os.nice(SCAN_NICE)
+
+
 def main(argv: list[str]) -> int:
     """`python -m mta.spool.recovery SPOOL PARENT_PID`: scan, one line per message on stdout."""
     from mta.spool.store import SpoolStore
@@ -156,8 +170,7 @@ def main(argv: list[str]) -> int:
         out.write(f"{kind} {qid} {detail}\n".encode())
         count += 1
         if count == NICE_AFTER:
-            with contextlib.suppress(OSError):
-                os.nice(SCAN_NICE)
+            yield_cpu()
     out.write(f"END {count} {time.monotonic() - started:.3f}\n".encode())
     out.flush()
     return 0
