@@ -51,7 +51,14 @@ def write_backlog(path: Path, count: int, size: int = 2048, *, due_in: float = W
             raw = store.mail_path(qid).read_bytes()
             first = qid.encode()
         else:
-            fd = os.open(store.mail_path(qid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            while True:
+                try:
+                    fd = os.open(store.mail_path(qid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    break
+                except FileExistsError:
+                    # Every id here has the same millisecond, so only its 40 random bits differ:
+                    # among a million, two are likely to meet (about 0.45). Draw again.
+                    qid = new_id(now - 3600)
             try:
                 os.write(fd, raw.replace(first, qid.encode(), 1))
             finally:
