@@ -313,6 +313,7 @@ class JournalBook:
         self._io = threading.Lock()
         self._segment_of: dict[str, str] = {}
         self._members: dict[str, set[str]] = {}
+        self._restated: set[str] = set()  # held messages given an <id>.json since (see only_msg)
         self._retired: dict[str, None] = {}  # recent checkpointed segments (bounded): late notes ignored
         self._marks: dict[str, int] = {}  # open .done files, by segment
         self._dirty: set[str] = set()
@@ -333,10 +334,23 @@ class JournalBook:
         """`qid` came through a segment that is not checkpointed yet: written seconds ago."""
         return qid in self._segment_of  # one dict lookup: atomic under the GIL, no lock needed
 
+    def restate(self, qid: str) -> None:
+        """`qid` is about to get an <id>.json (an update): its <id>.msg is no longer all of it."""
+        with self._lock:
+            if qid in self._segment_of:
+                self._restated.add(qid)
+
+    def only_msg(self, qid: str) -> bool:
+        """Held and never restated: <id>.msg is the message's one file (the spool's hot path then
+        looks for no other). Forgotten with the rest of the message at `done` or checkpoint."""
+        with self._lock:
+            return qid in self._segment_of and qid not in self._restated
+
     def done(self, qid: str) -> None:
         """The message's files are gone: mark it so a replay does not bring it back."""
         with self._lock:
             self._unlinked = True
+            self._restated.discard(qid)
             segment = self._segment_of.pop(qid, None)
             if segment is None:
                 return
@@ -446,6 +460,7 @@ class JournalBook:
                     self._dirty.discard(name)
                     for qid in self._members.pop(name, set()):
                         self._segment_of.pop(qid, None)
+                        self._restated.discard(qid)
                 while len(self._retired) > 1024:
                     del self._retired[next(iter(self._retired))]
 

@@ -86,10 +86,6 @@ class SpoolStore:
         # Group commit (journal.py): the submission child opens a writer; the owner keeps the book.
         self.journal: JournalWriter | None = None
         self.segment_of: dict[str, str] = {}
-        # Fresh messages (see `fresh`) this process gave a <id>.json: for the others only <id>.msg
-        # exists, so the hot path skips looking for the rest (lookups in a busy msg/ folder wait
-        # on the folder's blocks while the spool's flushes commit them).
-        self._stated: set[str] = set()
         self.book = JournalBook(self.journal_dir, self.mail_path, self.msg, fsync_dir,
                                 skip_dir="dir" in _UNSAFE_SKIP_FSYNC, skip_file="file" in _UNSAFE_SKIP_FSYNC)
 
@@ -318,10 +314,10 @@ class SpoolStore:
 
     def _update_sync(self, meta: MessageMeta) -> None:
         tmp_meta = self.tmp / f"{meta.id}.json.new"
+        self.book.restate(meta.id)  # before the file exists: a read never misses it (see _only_msg)
         try:
             self._write_synced(tmp_meta, json.dumps(meta.to_json()).encode())
             os.rename(tmp_meta, self.meta_path(meta.id))
-            self._stated.add(meta.id)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp_meta.unlink()
@@ -347,7 +343,6 @@ class SpoolStore:
         if self._only_msg(qid):
             self.mail_path(qid).unlink(missing_ok=True)
             return
-        self._stated.discard(qid)
         for p in (self.mail_path(qid), self.meta_path(qid), self.data_path(qid)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -418,8 +413,9 @@ class SpoolStore:
 
     def _only_msg(self, qid: str) -> bool:
         """Certainly no file but <id>.msg: fresh, and never updated by this process (the only
-        writer of a .json while it holds the spool)."""
-        return qid not in self._stated and self.book.holds(qid)
+        writer of a .json while it holds the spool), so the hot path looks for no other file:
+        lookups in a busy msg/ folder wait on its blocks while the spool's flushes commit them."""
+        return self.book.only_msg(qid)
 
     def fresh(self, qid: str) -> bool:
         """Written by a submission child seconds ago (its journal segment is not checkpointed):

@@ -126,6 +126,7 @@ def test_pwr_4_a_fresh_message_is_read_in_one_open_yet_an_update_still_wins(tmp_
     updated = metas[0]  # the other one is never updated
     later = replace(updated, recipients=(replace(updated.recipients[0], attempts=2),))
     asyncio.run(store.update(later))
+    assert not store.book.only_msg(updated.id) and store.book.only_msg(metas[1].id)
     assert store.load_with_data_sync(updated.id) == (later, b"x\r\n")
     for m in metas:
         asyncio.run(store.remove(m.id))
