@@ -311,7 +311,6 @@ class RelaySMTP(SMTP):
         self._set_post_data_state()
         await self.push(status)
 
-
     async def _read_data(self, limit: int) -> tuple[bytes, int, bool]:
         """The data up to `.` CRLF at a line start, dot-unstuffed; its size; whether a line was too long.
 
@@ -324,21 +323,17 @@ class RelaySMTP(SMTP):
         kept: list[bytes] = []
         size = 0  # octets before the terminator, as the client sent them
         tail = b""  # the last two octets read before the current block
-        while True:
+        end = False
+        while not end:
             try:
                 block = await self._reader.readuntil(b".\r\n")
-                ends_with_dot = True
             except asyncio.LimitOverrunError as exc:
                 block = await self._reader.read(exc.consumed)  # no `.` CRLF within READ_LIMIT
-                ends_with_dot = False
-            if ends_with_dot:
+            else:
                 before = block[:-3]
-                if (tail + before)[-2:] == b"\r\n" or (size == 0 and not before):
+                end = (tail + before)[-2:] == b"\r\n" or (size == 0 and not before)
+                if end:
                     block = before  # `.` CRLF at a line start: the end of the data
-                    size += len(block)
-                    if not (limit and size > limit):
-                        kept.append(block)
-                    break
             size += len(block)
             tail = (tail + block)[-2:]
             if limit and size > limit:
@@ -348,12 +343,9 @@ class RelaySMTP(SMTP):
         if limit and size > limit:
             return b"", size, False
         data = b"".join(kept)
-        kept.clear()
-        lines = data.split(b"\r\n")
         # Every line but the last has its CRLF; the last is empty for a well-formed message (a
         # last line without CRLF before the terminator cannot exist: the terminator starts one).
-        too_long = bool(lines) and max(map(len, lines)) + 2 > DATA_LINE_LIMIT
-        if too_long:
+        if max(map(len, data.split(b"\r\n"))) + 2 > DATA_LINE_LIMIT:
             return b"", size, True
         if data.startswith(b"."):  # §4.5.2 transparency: one leading dot off every line
             data = data[1:]
