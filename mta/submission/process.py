@@ -122,11 +122,11 @@ async def _child(cfg: Config, write_fd: int, parent: int, socks: list[socket.soc
     lines: list[str] = []
 
     def send_lines() -> None:
+        metrics.flush_forwarded()  # the batch's counts before its ids (see above)
         transport.write("".join(lines).encode())
         lines.clear()
 
     def accepted(meta: MessageMeta) -> None:
-        metrics.flush_forwarded()
         # "<id> <journal segment>": the parent marks the segment's .done file when the message is
         # finished, so a replay after a crash does not bring it back. The lines of one loop turn
         # go in one write: a group flush acknowledges a batch at once (one wake-up of the parent,
