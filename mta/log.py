@@ -94,6 +94,7 @@ class JsonFormatter(logging.Formatter):
 
 
 LINGER = 0.005  # seconds the writer waits after a short batch
+BATCH = 16  # lines formatted per write at most (see ThreadedStderr._run)
 
 
 class ThreadedStderr(logging.Handler):
@@ -152,7 +153,7 @@ class ThreadedStderr(logging.Handler):
             batch = [queue.get()]
             # One write for what piled up meanwhile, in small batches: formatting holds the GIL,
             # and an event loop waiting for it would otherwise wait up to the switch interval.
-            while len(batch) < 16:
+            while len(batch) < BATCH:
                 try:
                     batch.append(queue.get_nowait())
                 except Empty:
@@ -161,7 +162,7 @@ class ThreadedStderr(logging.Handler):
             for marker in batch:
                 if isinstance(marker, threading.Event):
                     marker.set()
-            if len(batch) < 16:
+            if len(batch) < BATCH:
                 # Let lines gather for a moment: one wake-up and one write per few lines, not per
                 # line, under load (a line waits at most this long; idle, get() just blocks).
                 time.sleep(LINGER)

@@ -49,8 +49,10 @@ def run(main: Coroutine[Any, Any, int]) -> int:
 
 
 def use_io_threads(loop: asyncio.AbstractEventLoop) -> None:
-    """Spool writes block in fsync; with asyncio's default 6 threads, 20 concurrent submissions
-    would queue for a thread. More threads let the file system batch concurrent fsyncs."""
+    """The default executor (asyncio.to_thread) with IO_THREADS threads instead of asyncio's 6:
+    the spool's calls off the mail path (journal upkeep, queue reads for the HTTP API), the
+    TLS-RPT and policy stores (SQLite) and report signing block too. The mail path (put, update,
+    remove, cold reads) uses `offload`."""
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS,
                                                                     thread_name_prefix="mta-io"))
 

@@ -21,9 +21,7 @@ from pathlib import Path
 import pytest
 
 from mta.submission.sockets import foreign_listeners, parse_listeners
-from tests.support.burst import burst
-from tests.support.ops import scrape, value, wait_up, wait_value
-from tests.support.relay import (
+from mta.testing.relay import (
     RelayProcess,
     base_config,
     deep_merge,
@@ -33,6 +31,8 @@ from tests.support.relay import (
     run_cli,
     write_config,
 )
+from tests.support.burst import burst
+from tests.support.ops import scrape, value, wait_up, wait_value
 from tests.support.world import World
 
 pytestmark = pytest.mark.req("PERF-5")
