@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger("mta.app")
 DRAIN_TIMEOUT = 20.0
 STARTED_GRACE = 5.0  # seconds the "started" event waits for the background scan (not the listeners)
+STOP_GRACE = 1.0  # seconds a child's exit waits for our own stop signal (group-wide SIGTERM)
 
 
 def build_resolver(cfg: Config) -> Resolver:
@@ -137,6 +138,7 @@ class Relay:
         self.child_pids: list[int] = []
         self.child_tasks: list[asyncio.Task[None]] = []
         self.child_gone = asyncio.Event()  # set when the relay must stop with status 1
+        self.stop_requested = asyncio.Event()  # SIGTERM/SIGINT reached us (set by serve's handlers)
         self.failed = False
         self.resume: Resume | None = None
 
@@ -273,7 +275,7 @@ class Relay:
             await read_notifications(fd, on_id, on_ready)
             if not ready.done():
                 ready.set_exception(SpoolError("the submission process failed to start"))
-            elif not self.stop_event.is_set():
+            elif not self.stop_event.is_set() and not await self._stop_follows():
                 # A listener is gone: stop (exit 1) so a supervisor restarts us; the spool is intact.
                 _log.error("submission process exited unexpectedly; stopping (pid %d)", pid)
                 self.failed = True
@@ -284,6 +286,15 @@ class Relay:
             readies.append(loop.create_future())
             self.child_tasks.append(loop.create_task(follow(pid, fd, readies[-1])))
         return (await asyncio.gather(*readies))[0]
+
+    async def _stop_follows(self) -> bool:
+        """True when a stop signal reaches us within STOP_GRACE of a child's exit. A SIGTERM sent to
+        the whole group (systemd's default KillMode, `kill -- -PGID`, `timeout`) stops the child
+        too, and its closed pipe can be read before our own handler has run: that is a stop, not
+        a crash (exit 0, nothing logged as an error)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_requested.wait(), STOP_GRACE)
+        return self.stop_requested.is_set()
 
     async def _sweep_pool(self) -> None:
         while not self.stop_event.is_set():
@@ -350,7 +361,7 @@ async def serve(cfg: Config, store: SpoolStore | None = None, child: list[tuple[
     # Handlers before start-up, not after: the listener child already accepts clients, and a
     # SIGTERM arriving meanwhile must still mean "stop cleanly". As a container's PID 1 a signal
     # without a handler is not even fatal, it is ignored: `docker stop` then hangs until SIGKILL.
-    stop = asyncio.Event()
+    stop = relay.stop_requested
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if runtime.early_stop_requested():  # a SIGTERM before this loop existed (runtime.catch_early_stop)
