@@ -222,7 +222,9 @@ class Relay:
     async def _resume(self) -> None:
         assert self.resume is not None
         await self.resume.run()
-        if not self.resume.ok and not self.stop_event.is_set():
+        # A group-wide signal during start-up can reach the scan before it left our process group
+        # (it starts its own session): stopping then is the signal's doing, not the scan's.
+        if not self.resume.ok and not self.stop_event.is_set() and not await self._stop_follows():
             # Unread parts of the spool would wait for the next start: stop (exit 1) so that a
             # supervisor restarts us at once; the spool is intact.
             self.failed = True
@@ -288,7 +290,7 @@ class Relay:
         return (await asyncio.gather(*readies))[0]
 
     async def _stop_follows(self) -> bool:
-        """True when a stop signal reaches us within STOP_GRACE of a child's exit. A SIGTERM sent to
+        """True when a stop signal reaches us within STOP_GRACE of a child's exit. A signal sent to
         the whole group (systemd's default KillMode, `kill -- -PGID`, `timeout`) stops the child
         too, and its closed pipe can be read before our own handler has run: that is a stop, not
         a crash (exit 0, nothing logged as an error)."""
