@@ -122,13 +122,18 @@ _offload: _Offload | None = None
 
 async def offload(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in a worker thread (see _Offload); no context copy, unlike asyncio.to_thread."""
+    return await offload_soon(fn, *args)
+
+
+def offload_soon(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """`offload` as a future, for callers that settle it from a done callback (no task)."""
     global _offload
     if _offload is None:
         _offload = _Offload(IO_THREADS)
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[T] = loop.create_future()
     _offload.submit(loop, fut, fn, args)
-    return await fut
+    return fut
 
 
 def _forget_offload() -> None:

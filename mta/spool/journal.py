@@ -222,15 +222,22 @@ class JournalWriter:
             seg.inflight += 1
             return seg
 
+    def fits(self, envelope: bytes, data: bytes) -> bool:  # append would open no new segment
+        return self._current is not None and self._current.fits(_HEAD.size + len(envelope) + len(data))
+
     def commit(self, seg: _Segment) -> None:
         """The group fdatasync covering this caller's record; OSError if it failed."""
         try:
             seg.sync.sync()
         finally:
-            with self._lock:
-                seg.inflight -= 1
-                if seg.sealing and seg.inflight == 0:
-                    self._close_sealed(seg)
+            self.release(seg)
+
+    def release(self, seg: _Segment) -> None:
+        """A record's flush is over (done or failed): a sealed segment closes after its last."""
+        with self._lock:
+            seg.inflight -= 1
+            if seg.sealing and seg.inflight == 0:
+                self._close_sealed(seg)
 
     def cancel(self, seg: _Segment, qid: str) -> None:
         """A record whose put failed: never to be replayed (the client was told 4xx)."""

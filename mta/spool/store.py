@@ -52,6 +52,7 @@ from pathlib import Path
 
 from mta import runtime
 from mta.errors import CorruptEntry, SpoolError
+from mta.spool import loopput
 from mta.spool.files import describe_os_error, flock_within, fsync_dir, read_noatime, unusable
 from mta.spool.ids import id_created, make_meta, new_id  # noqa: F401 (re-exported: the spool's API)
 from mta.spool.journal import GroupSync, JournalBook, JournalWriter
@@ -270,6 +271,13 @@ class SpoolStore:
         `reserve`: refuse (SpoolError "spool disk is full") unless that many bytes would stay free.
         """
         await runtime.offload(self._put_durably, meta, data, reserve)
+
+    async def put_on_loop(self, meta: MessageMeta, data: bytes, *, reserve: int = 0) -> None:
+        """`put` for the submission child: the page-cache writes on the loop, the group flush in a
+        thread, one hop per batch (loopput.py). Without a journal, `put`."""
+        if self.journal is None:
+            return await self.put(meta, data, reserve=reserve)
+        self.segment_of[meta.id] = await loopput.put_journaled(self, self.journal, meta, data, reserve)
 
     def put_sync(self, meta: MessageMeta, data: bytes, *, reserve: int = 0) -> str:
         """`put`, blocking: for callers already in a worker thread (submission) or without a loop
