@@ -6,6 +6,7 @@ Pure: no I/O, no clock. Values are immutable.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -98,3 +99,16 @@ class MxAnswer:
     kind: str
     records: tuple[tuple[int, str], ...] = ()
     secure: bool = False  # DNSSEC-validated (DANE-1); always False without [dns] dnssec
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `text` spells, else None. Asked of every MX name on every delivery, so a
+    host name is told apart without the two exceptions `ipaddress.ip_address` raises for it
+    (about 45 µs per delivery, issue 18): an IPv6 literal has a colon, an IPv4 one only digits
+    and dots; anything else that passes that test is left to `ipaddress`."""
+    if ":" not in text and not text.replace(".", "").isdigit():
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None

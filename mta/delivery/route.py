@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from mta.errors import PermanentDeliveryError
-from mta.model import IMPLICIT, MX, NULL, MxAnswer, SmtpReply
+from mta.model import IMPLICIT, MX, NULL, MxAnswer, SmtpReply, parse_ip
 
 # MxAnswer and its kinds live in mta.model (below both this module and mta.net.dns); re-exported.
 __all__ = ["IMPLICIT", "MAX_MX_HOSTS", "MX", "NULL", "Candidate", "MxAnswer", "address_literal_ip", "cap_hosts",
@@ -62,11 +62,7 @@ def is_address_literal(domain: str) -> bool:
 
 
 def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    return parse_ip(host) is not None
 
 
 def _normal(host: str) -> str:

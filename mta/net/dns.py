@@ -28,7 +28,6 @@ and TXT: "nothing there") and nothing else is decided: ordering MX hosts is `mta
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ import dns.resolver
 from mta import idn
 from mta.dane.records import TlsaAnswer, TlsaRecord
 from mta.errors import DnsError, DnsPermanentError, DnsTemporaryError
-from mta.model import IMPLICIT, MX, NULL, MxAnswer
+from mta.model import IMPLICIT, MX, NULL, MxAnswer, parse_ip
 
 __all__ = ["Addresses", "AiohttpResolver", "MxAnswer", "Resolver", "TlsaAnswer", "to_ascii"]
 
@@ -179,11 +178,8 @@ class Resolver:
     async def address_answer(self, host: str, ipv6: bool = True) -> Addresses:
         """`addresses()` with its DNSSEC status: secure only if every family's answer was secure
         (a failed family makes the set insecure, so DANE is then not attempted, DANE-1/2)."""
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
+        ip = parse_ip(host)
+        if ip is not None:
             return Addresses([str(ip)] if ip.version == 4 or ipv6 else [])
         name = to_ascii(host)
         rdtypes = ("AAAA", "A") if ipv6 else ("A",)
