@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mta.errors import CorruptEntry
 from mta.model import RecipientStatus as S
@@ -98,3 +102,33 @@ def test_smtp_39_owed_notice_keeps_message_until_dsn_queued() -> None:
     assert told.owed_notices == [] and told.done and told.next_due() is None
     # SMTP-40: nothing is owed for a null sender, nor for our own DSNs
     assert replace(meta, sender="").done and replace(meta, kind="dsn").done
+
+
+def _asdict_reference(meta: state.MessageMeta) -> dict[str, object]:
+    """What to_json returned when it was dataclasses.asdict plus the schema and status values."""
+    data = dataclasses.asdict(meta)
+    data["schema"] = state.SCHEMA
+    for r in data["recipients"]:
+        r["status"] = r["status"].value
+    return data
+
+
+_RECIPIENTS = st.builds(
+    state.Recipient, address=st.text(max_size=10), status=st.sampled_from(list(S)), attempts=st.integers(0, 9),
+    last_error=st.text(max_size=10), next_attempt=st.floats(allow_nan=False),
+    remote_mta=st.none() | st.text(max_size=5), notified=st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.builds(state.MessageMeta, id=st.text(max_size=8), sender=st.text(max_size=8),
+                 created=st.floats(allow_nan=False), size=st.integers(0, 10**9),
+                 recipients=st.lists(_RECIPIENTS, min_size=1, max_size=4).map(tuple),
+                 held=st.booleans(), client=st.text(max_size=8),
+                 extra=st.dictionaries(st.text(max_size=4), st.lists(st.integers(), max_size=3), max_size=2)))
+def test_to_json_is_asdicts_result_and_shares_nothing(meta: state.MessageMeta) -> None:
+    data = meta.to_json()
+    assert data == _asdict_reference(meta)
+    assert json.dumps(data, sort_keys=True) == json.dumps(_asdict_reference(meta), sort_keys=True)
+    for value in data["extra"].values():  # a copy: changing the result leaves the message alone
+        value.append(-1)
+    assert meta.to_json() == _asdict_reference(meta)
