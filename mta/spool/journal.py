@@ -239,9 +239,9 @@ class JournalWriter:
             if seg.sealing and seg.inflight == 0:
                 self._close_sealed(seg)
 
-    def cancel(self, seg: _Segment, qid: str) -> None:
+    def cancel(self, segment: str, qid: str) -> None:
         """A record whose put failed: never to be replayed (the client was told 4xx)."""
-        with contextlib.suppress(OSError), open(self.folder / f"{seg.name}.done", "ab") as f:
+        with contextlib.suppress(OSError), open(self.folder / f"{segment}.done", "ab") as f:
             f.write(f"{qid}\n".encode())
 
     def tick(self, now: float | None = None) -> None:

@@ -16,14 +16,11 @@ Opening a new segment (a 4 MiB preallocation and two flushes) still runs in a th
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mta import runtime
-from mta.errors import SpoolError
-from mta.spool.files import describe_os_error
 from mta.spool.journal import JournalWriter
 from mta.spool.state import MessageMeta
 
@@ -84,16 +81,14 @@ async def put_journaled(store: SpoolStore, journal: JournalWriter, meta: Message
                         reserve: int) -> str:
     """SpoolStore._put_journaled's steps, on the loop but for the flush; returns the segment name.
     Raises SpoolError; then nothing is left behind and the record is never replayed."""
-    envelope = json.dumps(meta.to_json()).encode()
-    store._put_sync(meta, data, reserve, envelope=envelope, flush=False, publish=False)
+    envelope = store._stage(meta, data, reserve)
     try:
         if journal.fits(envelope, data):
             seg = journal.append(envelope, data)
         else:  # a new segment: preallocation and flushes, never on the loop
             seg = await runtime.offload(journal.append, envelope, data)
     except OSError as exc:
-        store._drop_tmp(meta.id)
-        raise SpoolError(describe_os_error(exc)) from None
+        raise store._refused(meta.id, exc) from None
     try:
         try:
             await _flusher(seg).sync()
@@ -101,7 +96,5 @@ async def put_journaled(store: SpoolStore, journal: JournalWriter, meta: Message
             journal.release(seg)
         os.rename(store._tmp_mail(meta.id), store.mail_path(meta.id))
     except OSError as exc:
-        journal.cancel(seg, meta.id)
-        store._drop_tmp(meta.id)
-        raise SpoolError(describe_os_error(exc)) from None
+        raise store._refused(meta.id, exc, journal, seg.name) from None
     return seg.name

@@ -291,21 +291,31 @@ class SpoolStore:
 
     def _put_journaled(self, journal: JournalWriter, meta: MessageMeta, data: bytes, reserve: int) -> str:
         """tmp file (no flush), journal record, group fdatasync, rename: see journal.py."""
-        envelope = json.dumps(meta.to_json()).encode()
-        self._put_sync(meta, data, reserve, envelope=envelope, flush=False, publish=False)
+        envelope = self._stage(meta, data, reserve)
         try:
             seg = journal.append(envelope, data)
         except OSError as exc:
-            self._drop_tmp(meta.id)
-            raise SpoolError(describe_os_error(exc)) from None
+            raise self._refused(meta.id, exc) from None
         try:
             journal.commit(seg)
             os.rename(self._tmp_mail(meta.id), self.mail_path(meta.id))
         except OSError as exc:
-            journal.cancel(seg, meta.id)
-            self._drop_tmp(meta.id)
-            raise SpoolError(describe_os_error(exc)) from None
+            raise self._refused(meta.id, exc, journal, seg.name) from None
         return seg.name
+
+    def _stage(self, meta: MessageMeta, data: bytes, reserve: int) -> bytes:
+        """A journaled put's tmp file (no flush); returns the envelope for its record."""
+        envelope = json.dumps(meta.to_json()).encode()
+        self._put_sync(meta, data, reserve, envelope=envelope, flush=False, publish=False)
+        return envelope
+
+    def _refused(self, qid: str, exc: OSError, journal: JournalWriter | None = None, segment: str = "") -> SpoolError:
+        """A journaled put that failed: its tmp file goes, and its record (if written) is marked
+        never to be replayed (the client is told 4xx)."""
+        if journal is not None:
+            journal.cancel(segment, qid)
+        self._drop_tmp(qid)
+        return SpoolError(describe_os_error(exc))
 
     def _drop_tmp(self, qid: str) -> None:
         with contextlib.suppress(OSError):

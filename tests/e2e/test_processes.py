@@ -68,8 +68,9 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert "cannot listen" in out.stderr
 
 
-def test_ctrl_c_to_the_process_group_exits_zero(tmp_path: Path) -> None:
-    """Ctrl-C signals parent and child alike; only the parent acts on it, so the stop is clean."""
+def _stop_the_group(tmp_path: Path, sig: signal.Signals) -> None:
+    """Start `mta serve` in a process group of its own, wait until it listens, then signal the
+    whole group: the stop must be clean (exit 0, no "exited unexpectedly")."""
     config, data = _config(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--config", str(config)],
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -78,7 +79,7 @@ def test_ctrl_c_to_the_process_group_exits_zero(tmp_path: Path) -> None:
         deadline = time.monotonic() + 10
         while not _listening(host, port) and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         assert proc.wait(timeout=30) == 0
         assert "exited unexpectedly" not in (proc.stderr.read() if proc.stderr else "")
     finally:
@@ -87,31 +88,17 @@ def test_ctrl_c_to_the_process_group_exits_zero(tmp_path: Path) -> None:
             proc.wait()
 
 
-def _serve_in_own_group(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, object]]:
-    config, data = _config(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--config", str(config)],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    host, port = listen_address(data)
-    deadline = time.monotonic() + 10
-    while not _listening(host, port) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return proc, data
+def test_ctrl_c_to_the_process_group_exits_zero(tmp_path: Path) -> None:
+    """Ctrl-C signals parent and child alike; only the parent acts on it, so the stop is clean."""
+    _stop_the_group(tmp_path, signal.SIGINT)
 
 
 def test_sigterm_to_the_process_group_exits_zero(tmp_path: Path) -> None:
     """systemd's default KillMode (control-group) and `kill -- -PGID` SIGTERM parent and listener
     child at once; the child's exit may be seen before the parent's own handler runs. Each round
-    is a clean stop (exit 0, no "exited unexpectedly"); the old code failed about half of them."""
+    is a clean stop; the old code failed about half of them."""
     for _ in range(3):
-        proc, _data = _serve_in_own_group(tmp_path)
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            assert "exited unexpectedly" not in (proc.stderr.read() if proc.stderr else "")
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop_the_group(tmp_path, signal.SIGTERM)
 
 
 def test_child_stopped_just_before_the_parent_is_a_clean_stop(tmp_path: Path) -> None:

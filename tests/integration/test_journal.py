@@ -7,6 +7,7 @@ writer's segment is never touched, and a refused put leaves nothing to replay.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import threading
@@ -17,6 +18,7 @@ import pytest
 
 from mta.errors import SpoolError
 from mta.spool import journal
+from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore, make_meta
 
 pytestmark = pytest.mark.req("PWR-4")
@@ -79,7 +81,10 @@ def test_group_sync_every_caller_is_covered_by_a_flush_that_started_after_it() -
         assert any(start >= called and end <= returned for start, end in flushes)
 
 
-def test_a_batch_of_concurrent_puts_shares_fdatasyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("how", ["thread", "loop"])
+def test_a_batch_of_concurrent_puts_shares_fdatasyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      how: str) -> None:
+    """80 concurrent puts, from 8 threads or as 80 tasks on the submission child's loop."""
     store = SpoolStore(tmp_path / "q")
     store.prepare()
     store.open_journal("t1")
@@ -93,18 +98,28 @@ def test_a_batch_of_concurrent_puts_shares_fdatasyncs(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
     ids: list[str] = []
-    lock = threading.Lock()
+    if how == "thread":
+        lock = threading.Lock()
 
-    def worker(k: int) -> None:
-        got = _put(store, 10, prefix=f"w{k}-")
-        with lock:
-            ids.extend(got)
+        def worker(k: int) -> None:
+            got = _put(store, 10, prefix=f"w{k}-")
+            with lock:
+                ids.extend(got)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    else:
+        messages = [_message(i) for i in range(80)]
+
+        async def main() -> None:
+            await asyncio.gather(*(store.put_on_loop(meta, data) for meta, data in messages))
+
+        asyncio.run(main())
+        ids = [meta.id for meta, _ in messages]
+        assert all(store.load_with_data_sync(meta.id)[1] == data for meta, data in messages)
     assert len(ids) == 80
     assert len(syncs) < 40, f"{len(syncs)} fdatasyncs for 80 puts"
     assert all(store.mail_path(q).exists() for q in ids)
@@ -113,6 +128,11 @@ def test_a_batch_of_concurrent_puts_shares_fdatasyncs(tmp_path: Path, monkeypatc
     assert {journal.record_id(e) for e, _ in journal.decode(seg.read_bytes())} == set(ids)
     assert seg.stat().st_size == journal.SEGMENT_BYTES  # preallocated: the fdatasyncs change no size
     assert {store.segment_of[q] for q in ids} == {seg.stem}
+
+
+def _message(i: int) -> tuple[MessageMeta, bytes]:
+    data = f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode() + b"x" * 2000
+    return make_meta(sender="a@src.test", recipients=[f"r{i}@dst.test"], data=data), data
 
 
 def _crash_leftovers(tmp_path: Path) -> tuple[SpoolStore, list[str]]:
@@ -179,12 +199,20 @@ def test_checkpoint_of_a_sealed_segment_drops_it_and_forgets_its_members(tmp_pat
     assert sorted(m.id for m in SpoolStore(store.root).recover()) == sorted(ids[1:])
 
 
-def test_a_failed_flush_refuses_the_put_and_nothing_comes_back(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def _put_one(store: SpoolStore, meta: MessageMeta, data: bytes, how: str, reserve: int = 0) -> None:
+    if how == "thread":  # a worker thread's put (sendmail-style callers of put_sync)
+        store.put_sync(meta, data, reserve=reserve)
+    else:  # the submission child's put on its event loop (mta/spool/loopput.py)
+        asyncio.run(store.put_on_loop(meta, data, reserve=reserve))
+
+
+@pytest.mark.parametrize("how", ["thread", "loop"])
+def test_a_failed_flush_refuses_the_put_and_nothing_comes_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                how: str) -> None:
     store = SpoolStore(tmp_path / "q")
     store.prepare()
     store.open_journal("t4")
-    _put(store, 1)  # the segment exists
+    [first] = _put(store, 1)  # the segment exists
 
     def failing(fd: int) -> None:
         raise OSError(errno.EIO, "I/O error")
@@ -193,23 +221,25 @@ def test_a_failed_flush_refuses_the_put_and_nothing_comes_back(tmp_path: Path,
     data = b"Subject: x\r\n\r\nx\r\n"
     meta = make_meta(sender="a@src.test", recipients=["b@dst.test"], data=data)
     with pytest.raises(SpoolError, match="spool write failed"):
-        store.put_sync(meta, data)
+        _put_one(store, meta, data, how)
     monkeypatch.undo()
     assert not store.mail_path(meta.id).exists()
     assert list(store.tmp.iterdir()) == []
     assert store.journal is not None
     store.journal.close()
-    assert meta.id not in {m.id for m in SpoolStore(store.root).recover()}
+    recovered = {m.id for m in SpoolStore(store.root).recover()}
+    assert meta.id not in recovered and first in recovered
 
 
-def test_a_refused_put_writes_no_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["thread", "loop"])
+def test_a_refused_put_writes_no_record(tmp_path: Path, how: str) -> None:
     store = SpoolStore(tmp_path / "q")
     store.prepare()
     store.open_journal("t5")
     data = b"Subject: x\r\n\r\nx\r\n"
     meta = make_meta(sender="a@src.test", recipients=["b@dst.test"], data=data)
     with pytest.raises(SpoolError, match="disk is full"):
-        store.put_sync(meta, data, reserve=1 << 60)
+        _put_one(store, meta, data, how, reserve=1 << 60)
     assert list(store.journal_dir.iterdir()) == []
     assert list(store.tmp.iterdir()) == []
 

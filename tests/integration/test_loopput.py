@@ -1,22 +1,22 @@
 """The submission child's put on its event loop (mta/spool/loopput.py, issue 18 target 3).
 
 PWR-4 as for the threaded put: the caller returns only after a flush that started after its
-record was written; one flush covers a batch; a failed flush refuses every put of its batch and
-leaves nothing to replay; a put that needs a new segment still works (opened off the loop).
+record was written; one flush covers a batch; a failed flush fails its batch only; a put that
+needs a new segment still works (opened off the loop). Batches sharing flushes, and a failed or
+refused put leaving nothing to replay: tests/integration/test_journal.py runs those for both
+put paths (a worker thread's and the loop's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from mta.errors import SpoolError
 from mta.spool import journal
 from mta.spool.loopput import LoopFlush
 from mta.spool.state import MessageMeta
@@ -104,38 +104,6 @@ def _message(i: int) -> tuple[MessageMeta, bytes]:
     return make_meta(sender="a@src.test", recipients=[f"r{i}@dst.test"], data=data), data
 
 
-def test_concurrent_puts_on_the_loop_share_flushes_and_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = SpoolStore(tmp_path / "q")
-    store.prepare()
-    store.open_journal("loop1")
-    syncs: list[int] = []
-    real = os.fdatasync
-
-    def counting(fd: int) -> None:
-        syncs.append(fd)
-        time.sleep(0.002)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", counting)
-    messages = [_message(i) for i in range(60)]
-
-    async def main() -> None:
-        await asyncio.gather(*(store.put_on_loop(meta, data) for meta, data in messages))
-
-    asyncio.run(main())
-    monkeypatch.undo()
-    assert len(syncs) < 30, f"{len(syncs)} fdatasyncs for 60 puts"
-    assert list(store.tmp.iterdir()) == []
-    for meta, data in messages:
-        assert store.mail_path(meta.id).exists()
-        assert store.segment_of[meta.id]
-        loaded, body = store.load_with_data_sync(meta.id)
-        assert body == data and loaded.recipients == meta.recipients
-    [live] = list(store.journal_dir.glob("*.log"))
-    records = list(journal.decode(live.read_bytes()))
-    assert {journal.record_id(env) for env, _ in records} == {m.id for m, _ in messages}
-
-
 def test_a_put_that_needs_a_new_segment_opens_it_off_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(journal, "SEGMENT_BYTES", 16 << 10)  # a few messages per segment
     store = SpoolStore(tmp_path / "q")
@@ -163,38 +131,3 @@ def test_a_put_that_needs_a_new_segment_opens_it_off_the_loop(tmp_path: Path, mo
         if seg.suffix in (".log", ".sealed"):
             found |= {journal.record_id(env) for env, _ in journal.decode(seg.read_bytes())}
     assert found == {m.id for m, _ in messages}
-
-
-def test_a_failed_flush_refuses_the_loop_put_and_nothing_comes_back(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    store = SpoolStore(tmp_path / "q")
-    store.prepare()
-    store.open_journal("loop3")
-    first, data0 = _message(0)
-    asyncio.run(store.put_on_loop(first, data0))
-
-    def failing(fd: int) -> None:
-        raise OSError(errno.EIO, "I/O error")
-
-    monkeypatch.setattr(os, "fdatasync", failing)
-    meta, data = _message(1)
-    with pytest.raises(SpoolError, match="spool write failed"):
-        asyncio.run(store.put_on_loop(meta, data))
-    monkeypatch.undo()
-    assert not store.mail_path(meta.id).exists()
-    assert list(store.tmp.iterdir()) == []
-    assert store.journal is not None
-    store.journal.close()
-    recovered = {m.id for m in SpoolStore(store.root).recover()}
-    assert meta.id not in recovered and first.id in recovered
-
-
-def test_a_refused_loop_put_writes_no_record(tmp_path: Path) -> None:
-    store = SpoolStore(tmp_path / "q")
-    store.prepare()
-    store.open_journal("loop4")
-    meta, data = _message(0)
-    with pytest.raises(SpoolError, match="disk is full"):
-        asyncio.run(store.put_on_loop(meta, data, reserve=1 << 60))
-    assert list(store.journal_dir.iterdir()) == []
-    assert list(store.tmp.iterdir()) == []
