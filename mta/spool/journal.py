@@ -17,7 +17,7 @@ Record: b"MTAJ", then big-endian lengths of envelope and data, CRC-32 of both, e
 MessageMeta JSON), data. A segment is read up to its first incomplete or damaged record: every
 record that was acknowledged lies before it (its fdatasync covered everything written earlier).
 
-Order of a put (SpoolStore._put_journaled): data and envelope to tmp/<id>.msg (no flush), the record to
+Order of a put (loopput.put_journaled): data and envelope to tmp/<id>.msg (no flush), the record to
 the segment, the group fdatasync, the rename into msg/, then the 250. A power cut before the
 fdatasync leaves at most debris in tmp/; after it the journal restores whatever the file lacks.
 
@@ -46,6 +46,8 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from mta.spool.loopput import LoopFlush
 
 SEGMENT_MAGIC = b"MTA-JOURNAL-1\n"
 RECORD_MAGIC = b"MTAJ"
@@ -149,7 +151,7 @@ class _Segment:
         self.inflight = 0
         self.opened = time.monotonic()
         self.sealing = False
-        self.sync = GroupSync(self._flush)
+        self.sync = LoopFlush(self._flush)  # the writer's put awaits it (loopput.py)
         self._skip = skip_flush
 
     def preallocate(self) -> None:
@@ -175,7 +177,8 @@ class _Segment:
 
 
 class JournalWriter:
-    """A submission child's side: `append` a record, then `commit` (the shared fdatasync)."""
+    """A submission child's side: `append` a record, await its segment's `sync` (the shared
+    fdatasync), then `release` it (loopput.put_journaled)."""
 
     def __init__(self, folder: Path, writer: str, *, skip_file: bool = False, skip_dir: bool = False,
                  fsync_dir: Callable[[Path], None]) -> None:
@@ -224,13 +227,6 @@ class JournalWriter:
 
     def fits(self, envelope: bytes, data: bytes) -> bool:  # append would open no new segment
         return self._current is not None and self._current.fits(_HEAD.size + len(envelope) + len(data))
-
-    def commit(self, seg: _Segment) -> None:
-        """The group fdatasync covering this caller's record; OSError if it failed."""
-        try:
-            seg.sync.sync()
-        finally:
-            self.release(seg)
 
     def release(self, seg: _Segment) -> None:
         """A record's flush is over (done or failed): a sealed segment closes after its last."""

@@ -10,7 +10,8 @@ Here the page-cache writes (the tmp file, the journal record, the rename: tens o
 no flush) run on the loop, and only the shared fdatasync goes to a thread (`LoopFlush`), once
 per batch. The order of the steps, and so the durability argument of journal.py, is unchanged:
 tmp file, record, a flush that started after the record was written, rename, then the 250.
-Opening a new segment (a 4 MiB preallocation and two flushes) still runs in a thread.
+Opening a new segment (a 4 MiB preallocation and two flushes) still runs in a thread. This is
+the journal's only put: the submission child is its only writer, and its puts all come here.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mta import runtime
-from mta.spool.journal import JournalWriter
 from mta.spool.state import MessageMeta
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # both import this module
+    from mta.spool.journal import JournalWriter
     from mta.spool.store import SpoolStore
 
 
@@ -69,18 +70,11 @@ class LoopFlush:
             self._start()
 
 
-def _flusher(seg: object) -> LoopFlush:
-    flusher = getattr(seg, "loop_flush", None)
-    if flusher is None:  # one per segment: a flush covers the records of its own file only
-        flusher = LoopFlush(seg._flush)  # type: ignore[attr-defined]
-        seg.loop_flush = flusher  # type: ignore[attr-defined]
-    return flusher
-
-
 async def put_journaled(store: SpoolStore, journal: JournalWriter, meta: MessageMeta, data: bytes,
                         reserve: int) -> str:
-    """SpoolStore._put_journaled's steps, on the loop but for the flush; returns the segment name.
-    Raises SpoolError; then nothing is left behind and the record is never replayed."""
+    """tmp file (no flush), journal record, the segment's group fdatasync, rename (journal.py);
+    returns the segment name. Raises SpoolError; then nothing is left behind and the record is
+    never replayed."""
     envelope = store._stage(meta, data, reserve)
     try:
         if journal.fits(envelope, data):
@@ -91,7 +85,7 @@ async def put_journaled(store: SpoolStore, journal: JournalWriter, meta: Message
         raise store._refused(meta.id, exc) from None
     try:
         try:
-            await _flusher(seg).sync()
+            await seg.sync.sync()  # one LoopFlush per segment: it covers its own file's records
         finally:
             journal.release(seg)
         os.rename(store._tmp_mail(meta.id), store.mail_path(meta.id))

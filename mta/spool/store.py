@@ -279,32 +279,14 @@ class SpoolStore:
             return await self.put(meta, data, reserve=reserve)
         self.segment_of[meta.id] = await loopput.put_journaled(self, self.journal, meta, data, reserve)
 
-    def put_sync(self, meta: MessageMeta, data: bytes, *, reserve: int = 0) -> str:
-        """`put`, blocking: for callers already in a worker thread (submission) or without a loop
-        (sendmail). Returns the journal segment holding the message ("" without a journal)."""
-        if self.journal is not None:
-            segment = self._put_journaled(self.journal, meta, data, reserve)
-            self.segment_of[meta.id] = segment  # popped by the child when it reports the id
-            return segment
+    def put_sync(self, meta: MessageMeta, data: bytes, *, reserve: int = 0) -> None:
+        """`put`, blocking: for callers already in a worker thread or without a loop (sendmail,
+        a listener in the server's own process). Always the file-per-message path: the journal's
+        only writer is the submission child, whose puts go through `put_on_loop`."""
         self._put_durably(meta, data, reserve)
-        return ""
-
-    def _put_journaled(self, journal: JournalWriter, meta: MessageMeta, data: bytes, reserve: int) -> str:
-        """tmp file (no flush), journal record, group fdatasync, rename: see journal.py."""
-        envelope = self._stage(meta, data, reserve)
-        try:
-            seg = journal.append(envelope, data)
-        except OSError as exc:
-            raise self._refused(meta.id, exc) from None
-        try:
-            journal.commit(seg)
-            os.rename(self._tmp_mail(meta.id), self.mail_path(meta.id))
-        except OSError as exc:
-            raise self._refused(meta.id, exc, journal, seg.name) from None
-        return seg.name
 
     def _stage(self, meta: MessageMeta, data: bytes, reserve: int) -> bytes:
-        """A journaled put's tmp file (no flush); returns the envelope for its record."""
+        """A journaled put's tmp file (no flush; loopput.py); returns the envelope for its record."""
         envelope = json.dumps(meta.to_json()).encode()
         self._put_sync(meta, data, reserve, envelope=envelope, flush=False, publish=False)
         return envelope

@@ -25,11 +25,12 @@ pytestmark = pytest.mark.req("PWR-4")
 
 
 def _put(store: SpoolStore, n: int, prefix: str = "m") -> list[str]:
+    """n journaled puts, one after another, as the submission child makes them (on its loop)."""
     ids = []
     for i in range(n):
         data = f"Subject: {prefix}{i}\r\n\r\nbody {i}\r\n".encode()
         meta = make_meta(sender="a@src.test", recipients=[f"r{i}@dst.test"], data=data)
-        store.put_sync(meta, data)
+        asyncio.run(store.put_on_loop(meta, data))
         ids.append(meta.id)
     return ids
 
@@ -81,10 +82,8 @@ def test_group_sync_every_caller_is_covered_by_a_flush_that_started_after_it() -
         assert any(start >= called and end <= returned for start, end in flushes)
 
 
-@pytest.mark.parametrize("how", ["thread", "loop"])
-def test_a_batch_of_concurrent_puts_shares_fdatasyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      how: str) -> None:
-    """80 concurrent puts, from 8 threads or as 80 tasks on the submission child's loop."""
+def test_a_batch_of_concurrent_puts_shares_fdatasyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """80 concurrent puts, as 80 tasks on the submission child's loop."""
     store = SpoolStore(tmp_path / "q")
     store.prepare()
     store.open_journal("t1")
@@ -97,29 +96,14 @@ def test_a_batch_of_concurrent_puts_shares_fdatasyncs(tmp_path: Path, monkeypatc
         real(fd)
 
     monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
-    ids: list[str] = []
-    if how == "thread":
-        lock = threading.Lock()
+    messages = [_message(i) for i in range(80)]
 
-        def worker(k: int) -> None:
-            got = _put(store, 10, prefix=f"w{k}-")
-            with lock:
-                ids.extend(got)
+    async def main() -> None:
+        await asyncio.gather(*(store.put_on_loop(meta, data) for meta, data in messages))
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
-    else:
-        messages = [_message(i) for i in range(80)]
-
-        async def main() -> None:
-            await asyncio.gather(*(store.put_on_loop(meta, data) for meta, data in messages))
-
-        asyncio.run(main())
-        ids = [meta.id for meta, _ in messages]
-        assert all(store.load_with_data_sync(meta.id)[1] == data for meta, data in messages)
+    asyncio.run(main())
+    ids = [meta.id for meta, _ in messages]
+    assert all(store.load_with_data_sync(meta.id)[1] == data for meta, data in messages)
     assert len(ids) == 80
     assert len(syncs) < 40, f"{len(syncs)} fdatasyncs for 80 puts"
     assert all(store.mail_path(q).exists() for q in ids)
@@ -199,16 +183,8 @@ def test_checkpoint_of_a_sealed_segment_drops_it_and_forgets_its_members(tmp_pat
     assert sorted(m.id for m in SpoolStore(store.root).recover()) == sorted(ids[1:])
 
 
-def _put_one(store: SpoolStore, meta: MessageMeta, data: bytes, how: str, reserve: int = 0) -> None:
-    if how == "thread":  # a worker thread's put (sendmail-style callers of put_sync)
-        store.put_sync(meta, data, reserve=reserve)
-    else:  # the submission child's put on its event loop (mta/spool/loopput.py)
-        asyncio.run(store.put_on_loop(meta, data, reserve=reserve))
-
-
-@pytest.mark.parametrize("how", ["thread", "loop"])
-def test_a_failed_flush_refuses_the_put_and_nothing_comes_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                how: str) -> None:
+def test_a_failed_flush_refuses_the_put_and_nothing_comes_back(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     store = SpoolStore(tmp_path / "q")
     store.prepare()
     store.open_journal("t4")
@@ -221,7 +197,7 @@ def test_a_failed_flush_refuses_the_put_and_nothing_comes_back(tmp_path: Path, m
     data = b"Subject: x\r\n\r\nx\r\n"
     meta = make_meta(sender="a@src.test", recipients=["b@dst.test"], data=data)
     with pytest.raises(SpoolError, match="spool write failed"):
-        _put_one(store, meta, data, how)
+        asyncio.run(store.put_on_loop(meta, data))
     monkeypatch.undo()
     assert not store.mail_path(meta.id).exists()
     assert list(store.tmp.iterdir()) == []
@@ -231,15 +207,14 @@ def test_a_failed_flush_refuses_the_put_and_nothing_comes_back(tmp_path: Path, m
     assert meta.id not in recovered and first in recovered
 
 
-@pytest.mark.parametrize("how", ["thread", "loop"])
-def test_a_refused_put_writes_no_record(tmp_path: Path, how: str) -> None:
+def test_a_refused_put_writes_no_record(tmp_path: Path) -> None:
     store = SpoolStore(tmp_path / "q")
     store.prepare()
     store.open_journal("t5")
     data = b"Subject: x\r\n\r\nx\r\n"
     meta = make_meta(sender="a@src.test", recipients=["b@dst.test"], data=data)
     with pytest.raises(SpoolError, match="disk is full"):
-        _put_one(store, meta, data, how, reserve=1 << 60)
+        asyncio.run(store.put_on_loop(meta, data, reserve=1 << 60))
     assert list(store.journal_dir.iterdir()) == []
     assert list(store.tmp.iterdir()) == []
 

@@ -1,10 +1,9 @@
 """The submission child's put on its event loop (mta/spool/loopput.py, issue 18 target 3).
 
-PWR-4 as for the threaded put: the caller returns only after a flush that started after its
+PWR-4 for the journal's one put path: the caller returns only after a flush that started after its
 record was written; one flush covers a batch; a failed flush fails its batch only; a put that
 needs a new segment still works (opened off the loop). Batches sharing flushes, and a failed or
-refused put leaving nothing to replay: tests/integration/test_journal.py runs those for both
-put paths (a worker thread's and the loop's).
+refused put leaving nothing to replay: tests/integration/test_journal.py.
 """
 
 from __future__ import annotations
