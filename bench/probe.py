@@ -3,7 +3,10 @@
 Rule: `smtp-source` drives the load but reports no per-message timings, so the harness runs it
 with one session fewer and this probe as the last session, sending the same shape of message
 (smtp-source's headers and 80-column `1XXX...` payload lines) the same way (HELO, no
-pipelining). Its latencies are a uniform sample of what every session saw:
+pipelining). Its latencies are what one light client saw beside smtp-source's busy process: the
+same as every session's where all sessions are served alike (one event loop), better than the
+average session's where the OS favours a light process (a process per session); bench/README.md
+"Reading the latency figures" compares them with the all-session mean. What is timed:
 
 - many per connection (`--reuse`): from sending MAIL FROM to reading the reply to the final dot;
 - one per connection: from connect() to reading the reply to the final dot (banner and HELO

@@ -43,6 +43,9 @@ METRICS = [  # key, label, format
     ("e2e_rate", "end-to-end rate (msg/s)", "{:.0f}"),
     ("p50_ms", "submission latency p50 (ms)", "{:.1f}"),
     ("p99_ms", "submission latency p99 (ms)", "{:.1f}"),
+    ("mean_ms", "submission latency mean (ms)", "{:.1f}"),
+    ("held_pct", "messages held >= 0.5 s (%)", "{:.1f}"),
+    ("all_mean_ms", "latency mean, all sessions (sessions / rate, ms)", "{:.1f}"),
     ("peak_rss_mb", "peak RSS, process tree (MB)", "{:.1f}"),
     ("peak_pss_mb", "peak PSS, process tree (MB)", "{:.1f}"),
     ("cpu_per_1k", "CPU s per 1,000 messages", "{:.2f}"),
@@ -209,7 +212,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--results", default=str(BENCH / "results-latest.md"))
     ap.add_argument("--mta-set", action="append", default=[], metavar="SECTION.KEY=TOML",
                     help="set an mta config key on every mta run, e.g. queue.group_commit=false (repeatable)")
+    ap.add_argument("--postfix-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a main.cf parameter on every Postfix run, e.g. in_flow_delay=0s (repeatable)")
     args = ap.parse_args(argv)
+    if any("=" not in item for item in args.postfix_set):
+        ap.error("--postfix-set: expected KEY=VALUE")
     if args.quick:
         args.n, args.runs = 2000, 1
         args.scale_deferred, args.scale_new = min(args.scale_deferred, 20_000), min(args.scale_new, 2000)
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         runner.MtaRelay.profile_dir = Path(args.profile).resolve()
     runner.MtaRelay.extra = mta_settings(args.mta_set)
+    runner.PostfixHandle.extra = dict(item.split("=", 1) for item in args.postfix_set)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mta-bench-", dir="/var/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.max_minutes * 60
