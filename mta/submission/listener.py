@@ -37,6 +37,7 @@ from mta.dkim.signer import Signer
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.auth import load_users
+from mta.submission.caps import SharedCounts
 from mta.submission.handler import PendingCheck, SubmissionHandler, hook_names
 
 _BACKLOG = 1024  # asyncio's default 100 lets a burst of connects sit in SYN_RECV for seconds
@@ -79,12 +80,17 @@ class _Limits:
     """State shared by every connection of one relay process."""
 
     def __init__(self, max_connections: int, auth_delay: float, *, per_client: int | None = None,
-                 idle_timeout: float = 300.0, stress_idle_timeout: float = 10.0) -> None:
+                 idle_timeout: float = 300.0, stress_idle_timeout: float = 10.0,
+                 shared: SharedCounts | None = None) -> None:
+        # `shared`: the counts of every listener process of the relay, when there are several
+        # (mta.submission.caps): the caps then bound the relay, not this process.
+        self.shared = shared
         self.max_connections = max_connections
         self.per_client = per_client or max_connections
         self.idle_timeout = idle_timeout
         self.stress_idle_timeout = min(stress_idle_timeout, idle_timeout)
         self.active = 0
+        self._stress_seen = False
         self.by_client: dict[str, int] = {}  # open connections per client address (no entry at 0)
         self.connections: set[RelaySMTP] = set()
         self.auth_delay = auth_delay
@@ -93,25 +99,35 @@ class _Limits:
 
     @property
     def stressed(self) -> bool:
-        return self.active > STRESS_SHARE * self.max_connections
+        active = self.active if self.shared is None else self.shared.total()
+        return active > STRESS_SHARE * self.max_connections
 
     def admit(self, conn: RelaySMTP, client: str) -> str | None:
         """Count a new connection in; the 421 line when it is over a cap."""
-        if self.by_client.get(client, 0) >= self.per_client:
+        shared = self.shared
+        mine = self.by_client.get(client, 0) if shared is None else shared.of_client(client)
+        if mine >= self.per_client:
             return "421 4.7.0 Too many connections from your address, try again later"
-        if self.active >= self.max_connections:
+        if (self.active if shared is None else shared.total()) >= self.max_connections:
             return "421 4.7.0 Too many connections, try again later"
-        was_stressed = self.stressed
+        # Stress is the relay's (the shared total) but each process shortens its own idle timers:
+        # on its first admit under stress, wherever the total crossed the line (PERF-5).
+        was_stressed = self._stress_seen and self.stressed
         self.active += 1
         self.by_client[client] = self.by_client.get(client, 0) + 1
+        if shared is not None:
+            shared.add(client, 1)
         self.connections.add(conn)
-        if self.stressed and not was_stressed:
+        self._stress_seen = self.stressed
+        if self._stress_seen and not was_stressed:
             for other in self.connections:  # stress begins: idle clients get the short timer now
                 other.shorten_idle_timer(self.stress_idle_timeout)
         return None
 
     def release(self, conn: RelaySMTP, client: str) -> None:
         self.active -= 1
+        if self.shared is not None:
+            self.shared.add(client, -1)
         self.connections.discard(conn)
         left = self.by_client.get(client, 1) - 1
         if left > 0:
@@ -388,23 +404,27 @@ def listener_name(implicit_tls: bool, port: int) -> str:
     return f"{'smtps' if implicit_tls else 'smtp'}:{port}"
 
 
-def build_listeners(cfg: Config, store: SpoolStore, on_accept: Callable[[MessageMeta], None]) -> Listeners:
-    """The submission listeners of `cfg`, spooling into `store` and reporting each accepted message."""
+def build_listeners(cfg: Config, store: SpoolStore, on_accept: Callable[[MessageMeta], None],
+                    shared: SharedCounts | None = None) -> Listeners:
+    """The submission listeners of `cfg`, spooling into `store` and reporting each accepted message;
+    `shared`: the connection counts of every listener process (mta.submission.caps)."""
     users = load_users(cfg.submission.users_file) if cfg.submission.users_file else {}
     signer = Signer.from_config(cfg) if cfg.dkim.enabled else None
     handler = SubmissionHandler(cfg.submission, cfg.hostname, store, on_accept, users, signer)
-    return Listeners(cfg.submission, cfg.hostname, handler)
+    return Listeners(cfg.submission, cfg.hostname, handler, shared)
 
 
 class Listeners:
     """Starts and stops every submission socket of one process."""
 
-    def __init__(self, cfg: SubmissionConfig, hostname: str, handler: SubmissionHandler) -> None:
+    def __init__(self, cfg: SubmissionConfig, hostname: str, handler: SubmissionHandler,
+                 shared: SharedCounts | None = None) -> None:
         self.cfg = cfg
         self.hostname = hostname
         self.handler = handler
         self.limits = _Limits(cfg.max_connections, cfg.auth_failure_delay, per_client=cfg.max_connections_per_client,
-                              idle_timeout=cfg.idle_timeout, stress_idle_timeout=cfg.stress_idle_timeout)
+                              idle_timeout=cfg.idle_timeout, stress_idle_timeout=cfg.stress_idle_timeout,
+                              shared=shared)
         install_log_redaction()
         self.tls_context = server_tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         self.servers: list[asyncio.Server] = []

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import os
 import signal
@@ -33,6 +32,7 @@ from mta import log, metrics, runtime
 from mta.config import Config
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
+from mta.submission.caps import SharedCounts
 from mta.submission.listener import build_listeners
 from mta.submission.sockets import bind_shared
 
@@ -41,7 +41,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def spawn(cfg: Config, close_fds: tuple[int, ...] = (), socks: list[socket.socket] | None = None,
-          close_socks: tuple[socket.socket, ...] = ()) -> tuple[int, int]:
+          close_socks: tuple[socket.socket, ...] = (), shared: SharedCounts | None = None) -> tuple[int, int]:
     """Fork one submission child; returns (pid, read end of its notification pipe). `socks`: its
     already bound listening sockets (several processes, mta.submission.sockets); `close_fds` and
     `close_socks`: what the parent holds that the child must not (the spool lock, the other
@@ -61,7 +61,7 @@ def spawn(cfg: Config, close_fds: tuple[int, ...] = (), socks: list[socket.socke
                 sock.close()
             _die_with(parent)
             SpoolStore(cfg.queue.path).hold_writer_lock()  # released only by our exit
-            code = runtime.run(_child(cfg, write_fd, parent, socks))
+            code = runtime.run(_child(cfg, write_fd, parent, socks, shared))
         except BaseException:
             traceback.print_exc()
         finally:
@@ -79,18 +79,15 @@ def spawn_all(cfg: Config, lock_fd: int) -> list[tuple[int, int]]:
     if count == 1:
         return [spawn(cfg, close_fds=(lock_fd,))]
     per_child = bind_shared(cfg.submission, count)
-    share = dataclasses.replace(cfg, submission=dataclasses.replace(
-        cfg.submission,
-        # The caps bound the whole relay: each process takes an equal share (the kernel spreads
-        # connections evenly, so together they admit about the configured number).
-        max_connections=-(-cfg.submission.max_connections // count),
-        max_connections_per_client=-(-cfg.submission.max_connections_per_client // count)))
+    # The caps bound the whole relay: the children count connections in one shared table rather
+    # than each taking 1/N of a cap, which the kernel's uneven spread made refuse early (caps.py).
+    counts = SharedCounts(count)
     children: list[tuple[int, int]] = []
     try:
         for i, socks in enumerate(per_child):
             others = tuple(s for j, group in enumerate(per_child) if j != i for s in group)
-            children.append(spawn(share, close_fds=(lock_fd, *(fd for _, fd in children)), socks=socks,
-                                  close_socks=others))
+            children.append(spawn(cfg, close_fds=(lock_fd, *(fd for _, fd in children)), socks=socks,
+                                  close_socks=others, shared=counts.for_row(i)))
     finally:
         for group in per_child:  # the children have their own copies
             for sock in group:
@@ -105,7 +102,8 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-async def _child(cfg: Config, write_fd: int, parent: int, socks: list[socket.socket] | None = None) -> int:
+async def _child(cfg: Config, write_fd: int, parent: int, socks: list[socket.socket] | None = None,
+                 shared: SharedCounts | None = None) -> int:
     loop = asyncio.get_running_loop()
     runtime.use_io_threads(loop)
     transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_fd, "wb", buffering=0))
@@ -135,7 +133,7 @@ async def _child(cfg: Config, write_fd: int, parent: int, socks: list[socket.soc
             loop.call_soon(send_lines)
         lines.append(f"{meta.id} {store.segment_of.pop(meta.id, '')}\n")
 
-    listeners = build_listeners(cfg, store, accepted)
+    listeners = build_listeners(cfg, store, accepted, shared)
     for attempt in range(50):
         try:
             await listeners.start(socks)
