@@ -32,6 +32,14 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rfind(")") + 2 :].split()
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(steal, total) ticks of the whole machine from /proc/stat: the share of steal between two
+    readings is CPU time the hypervisor gave to other guests while we wanted it."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return fields[7], sum(fields)
+
+
 def children_map() -> dict[int, list[int]]:
     """ppid -> [pid] for every process on the machine."""
     out: dict[int, list[int]] = {}

@@ -52,6 +52,7 @@ METRICS = [  # key, label, format
     ("flushes_per_msg", "disk flushes per message (less background)", "{:.2f}"),
     # mta: its parent process (scheduler + delivery), the rest is the listeners (PERF-5); Postfix: master
     ("cpu_main_per_1k", "of which the root process (mta: delivery) CPU s per 1,000", "{:.2f}"),
+    ("steal_pct", "CPU steal by other guests during the run (%)", "{:.1f}"),
 ]
 
 

@@ -229,6 +229,7 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
         sink_cpu0 = procstat.tree_cpu(sink.proc.pid)
         disk = diskflush.Meter(run_dir).start()  # before the sampler: it sleeps to learn the background
         sampler = procstat.Sampler(root).start()
+        steal0 = procstat.machine_cpu()
         probe_n = max(1, n // sessions)
         src_cmd = [SOURCE, "-s", str(max(1, sessions - 1)), "-m", str(n - probe_n), "-l", str(size), "-f", SENDER,
                    "-t", rcpt, "-M", HELO, "-C", "5"] + (["-d"] if case.reuse else []) + [f"127.0.0.1:{relay.port}"]
@@ -258,6 +259,7 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
         done = sink.wait_for(c0 + n, budget(n))
         cpu1 = procstat.tree_cpu(root)
         main1 = procstat.own_cpu(root)
+        steal1 = procstat.machine_cpu()
         disk_flushes, background = disk.stop()
         sink_cpu = procstat.tree_cpu(sink.proc.pid) - sink_cpu0
         peak = sampler.stop()
@@ -289,6 +291,9 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
             "cpu_main_per_1k": (main1 - main0) * 1000 / n,
             "cpu_rest_per_1k": (cpu1 - cpu0 - (main1 - main0)) * 1000 / n,
             "latency_samples": len(lat),
+            # A virtual machine's cores can be taken by other guests: a run with much steal is slower
+            # for reasons outside both relays (the spread between runs of one leg).
+            "steal_pct": 100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1]),
             "tls_share": (tls1 - tls0) / max(1, c1 - c0),
             "seconds": last - t0,
             # A sink busy most of the run would make it, not the relay, the bottleneck.
