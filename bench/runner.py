@@ -270,8 +270,9 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
         lat = json.loads(probe_out)["latencies"]
         if disk_flushes is not None:
             extra["flushes_per_msg"] = disk_flushes / n
+        submit_rate = n / (t_sub - t0)
         result = {
-            "submit_rate": n / (t_sub - t0),
+            "submit_rate": submit_rate,
             "e2e_rate": n / (last - t0),
             "p50_ms": percentile(lat, 50) * 1000,
             "p99_ms": percentile(lat, 99) * 1000,
@@ -282,7 +283,7 @@ def run_once(world: World, case: Case, kind: str, n: int, sessions: int, size: i
             # as in Postfix) its mean falls below the all-session mean (bench/README.md).
             "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"),
             "held_pct": 100 * sum(1 for v in lat if v >= HELD) / max(1, len(lat)),
-            "all_mean_ms": sessions / (n / (t_sub - t0)) * 1000,
+            "all_mean_ms": sessions / submit_rate * 1000,
             "peak_rss_mb": peak.rss_mb,
             "peak_pss_mb": peak.pss_mb,
             "cpu_per_1k": (cpu1 - cpu0) * 1000 / n,

@@ -16,6 +16,9 @@ Two processes admitting at the same instant may both see a count one below a cap
 a cap can be passed by at most one connection per process, which a guard against one address
 taking every slot can afford. A dead process leaves its row behind, but a child's death stops
 the relay (mta.submission.process).
+
+A relay with one listener process counts in `LocalCounts` instead: the same interface
+(`ConnectionCounts`), exact per address. `_Limits` asks either the same questions.
 """
 
 from __future__ import annotations
@@ -23,9 +26,44 @@ from __future__ import annotations
 import copy
 import mmap
 import zlib
+from typing import Protocol
 
 BUCKETS = 1024
 _CELL = 4  # bytes: a signed 32-bit count
+
+
+class ConnectionCounts(Protocol):
+    """What the listener's caps read and write (mta.submission.listener._Limits)."""
+
+    def own(self) -> int: ...  # this process's open connections
+    def total(self) -> int: ...  # the relay's open connections
+    def of_client(self, client: str) -> int: ...  # the relay's open connections from `client`
+    def add(self, client: str, delta: int) -> None: ...  # one of ours in (+1) or out (-1)
+
+
+class LocalCounts:
+    """The counts of a relay with one listener process: exact per address, no buckets."""
+
+    def __init__(self) -> None:
+        self._total = 0
+        self._by_client: dict[str, int] = {}  # no entry at 0
+
+    def own(self) -> int:
+        return self._total
+
+    def total(self) -> int:
+        return self._total
+
+    def of_client(self, client: str) -> int:
+        return self._by_client.get(client, 0)
+
+    def add(self, client: str, delta: int) -> None:
+        self._total += delta
+        left = self._by_client.get(client, 0) + delta
+        if left > 0:
+            self._by_client[client] = left
+        else:
+            self._by_client.pop(client, None)
 
 
 class SharedCounts:
@@ -49,6 +87,10 @@ class SharedCounts:
         handle = copy.copy(self)
         handle._row = index * self._width
         return handle
+
+    def own(self) -> int:
+        """Open connections of the process that writes this handle's row."""
+        return self._cells[self._row]
 
     def bucket(self, client: str) -> int:
         return 1 + zlib.crc32(client.encode("utf-8", "surrogateescape")) % self.buckets

@@ -37,7 +37,7 @@ from mta.dkim.signer import Signer
 from mta.spool.state import MessageMeta
 from mta.spool.store import SpoolStore
 from mta.submission.auth import load_users
-from mta.submission.caps import SharedCounts
+from mta.submission.caps import ConnectionCounts, LocalCounts, SharedCounts
 from mta.submission.handler import PendingCheck, SubmissionHandler, hook_names
 
 _BACKLOG = 1024  # asyncio's default 100 lets a burst of connects sit in SYN_RECV for seconds
@@ -84,39 +84,36 @@ class _Limits:
                  shared: SharedCounts | None = None) -> None:
         # `shared`: the counts of every listener process of the relay, when there are several
         # (mta.submission.caps): the caps then bound the relay, not this process.
-        self.shared = shared
+        self.counts: ConnectionCounts = shared if shared is not None else LocalCounts()
         self.max_connections = max_connections
         self.per_client = per_client or max_connections
         self.idle_timeout = idle_timeout
         self.stress_idle_timeout = min(stress_idle_timeout, idle_timeout)
-        self.active = 0
         self._stress_seen = False
-        self.by_client: dict[str, int] = {}  # open connections per client address (no entry at 0)
         self.connections: set[RelaySMTP] = set()
         self.auth_delay = auth_delay
         self.auth_failures: dict[str, int] = {}
         self.auth_locks: dict[str, asyncio.Lock] = {}
 
     @property
+    def active(self) -> int:
+        """This process's open connections."""
+        return self.counts.own()
+
+    @property
     def stressed(self) -> bool:
-        active = self.active if self.shared is None else self.shared.total()
-        return active > STRESS_SHARE * self.max_connections
+        return self.counts.total() > STRESS_SHARE * self.max_connections
 
     def admit(self, conn: RelaySMTP, client: str) -> str | None:
         """Count a new connection in; the 421 line when it is over a cap."""
-        shared = self.shared
-        mine = self.by_client.get(client, 0) if shared is None else shared.of_client(client)
-        if mine >= self.per_client:
+        if self.counts.of_client(client) >= self.per_client:
             return "421 4.7.0 Too many connections from your address, try again later"
-        if (self.active if shared is None else shared.total()) >= self.max_connections:
+        if self.counts.total() >= self.max_connections:
             return "421 4.7.0 Too many connections, try again later"
         # Stress is the relay's (the shared total) but each process shortens its own idle timers:
         # on its first admit under stress, wherever the total crossed the line (PERF-5).
         was_stressed = self._stress_seen and self.stressed
-        self.active += 1
-        self.by_client[client] = self.by_client.get(client, 0) + 1
-        if shared is not None:
-            shared.add(client, 1)
+        self.counts.add(client, 1)
         self.connections.add(conn)
         self._stress_seen = self.stressed
         if self._stress_seen and not was_stressed:
@@ -125,15 +122,8 @@ class _Limits:
         return None
 
     def release(self, conn: RelaySMTP, client: str) -> None:
-        self.active -= 1
-        if self.shared is not None:
-            self.shared.add(client, -1)
+        self.counts.add(client, -1)
         self.connections.discard(conn)
-        left = self.by_client.get(client, 1) - 1
-        if left > 0:
-            self.by_client[client] = left
-        else:
-            self.by_client.pop(client, None)
 
     def auth_lock(self, peer: str) -> asyncio.Lock:
         if len(self.auth_locks) > _TRACKED_PEERS:

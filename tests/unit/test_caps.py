@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from mta.submission.caps import SharedCounts
+from mta.submission.caps import LocalCounts, SharedCounts
 from mta.submission.listener import _Limits
 
 pytestmark = pytest.mark.req("PERF-5")
@@ -33,6 +33,20 @@ def test_rows_add_up_per_client_and_in_total() -> None:
     assert a.of_client("127.0.0.1") == 2 == c.of_client("127.0.0.1")  # every row reads every row
     b.add("127.0.0.1", -1)
     assert counts.of_client("127.0.0.1") == 1 and counts.total() == 2
+
+
+def test_own_is_the_row_of_the_process_and_the_total_with_one_process() -> None:
+    counts = SharedCounts(2)
+    first, second = counts.for_row(0), counts.for_row(1)
+    first.add("a", 1)
+    second.add("b", 1)
+    second.add("c", 1)
+    assert (first.own(), second.own(), counts.total()) == (1, 2, 3)
+    local = LocalCounts()
+    local.add("a", 1)
+    local.add("b", 1)
+    local.add("a", -1)
+    assert (local.own(), local.total(), local.of_client("a"), local.of_client("b")) == (1, 1, 0, 1)
 
 
 def test_a_row_handle_leaves_the_others_row_alone() -> None:
